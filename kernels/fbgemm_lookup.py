@@ -1,0 +1,73 @@
+"""FBGEMM table-batched embedding (TBE) backend: every table in one fused kernel call.
+
+Row-wise Adagrad runs inside the TBE backward (EXACT_ROWWISE_ADAGRAD), on CPU or CUDA.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from embtables.kernels.optimizer import RowwiseAdagrad, initial_weights
+from embtables.specs import TableSpec
+
+
+def fbgemm_available() -> bool:
+    try:
+        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (  # noqa: F401
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
+    except Exception:  # ImportError, or an undefined symbol from a mismatched build
+        return False
+    return True
+
+
+def fbgemm_supports(table: TableSpec) -> bool:
+    """TBE kernels need the row width to be a multiple of 4."""
+    return table.dim % 4 == 0
+
+
+class FbgemmLookup(nn.Module):
+    backend = "fbgemm"
+
+    def __init__(self, tables: list[TableSpec], optimizer: RowwiseAdagrad | None = None,
+                 initial: list[torch.Tensor] | None = None, device: str | torch.device = "cpu"):
+        super().__init__()
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen,
+        )
+
+        bad = [t.name for t in tables if not fbgemm_supports(t)]
+        if bad:
+            raise ValueError(f"FBGEMM TBE needs dims that are multiples of 4; tables {bad} are not")
+        self.tables = list(tables)
+        self.optimizer = optimizer or RowwiseAdagrad()
+        device = torch.device(device)
+        on_gpu = device.type == "cuda"
+        location = EmbeddingLocation.DEVICE if on_gpu else EmbeddingLocation.HOST
+        compute = ComputeDevice.CUDA if on_gpu else ComputeDevice.CPU
+        self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
+            embedding_specs=[(t.rows, t.dim, location, compute) for t in self.tables],
+            optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+            learning_rate=self.optimizer.lr,
+            eps=self.optimizer.eps,
+            weights_precision=SparseType.FP32,
+            pooling_mode=PoolingMode.SUM,
+            device=device,
+        )
+        with torch.no_grad():
+            for weight, w in zip(self.tbe.split_embedding_weights(), initial_weights(self.tables, initial)):
+                weight.copy_(w)
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor,
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return self.tbe(indices, offsets, per_sample_weights=per_sample_weights)
+
+    def table_weights(self) -> list[torch.Tensor]:
+        return list(self.tbe.split_embedding_weights())
+
+    def optimizer_states(self) -> list[torch.Tensor]:
+        # One state tensor per table for row-wise Adagrad: the per-row momentum.
+        return [states[0].view(-1) for states in self.tbe.split_optimizer_states()]

@@ -1,0 +1,127 @@
+"""One fused pooled lookup over every physical table, whatever backend serves each table.
+
+Tables FBGEMM can hold go to one TBE call; the rest (dims not a multiple of 4, or no
+FBGEMM at all) go to the torch reference. Callers see one module with the TBE layout.
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import nn
+
+from embtables.kernels.fbgemm_lookup import FbgemmLookup, fbgemm_available, fbgemm_supports
+from embtables.kernels.optimizer import RowwiseAdagrad
+from embtables.kernels.torch_lookup import TorchLookup
+from embtables.specs import TableSpec
+
+BACKENDS = ("auto", "fbgemm", "torch")
+
+
+def seeded_initial_weights(tables: list[TableSpec], seed: int) -> list[torch.Tensor]:
+    """Each table's init from its own generator, so it does not depend on backend grouping."""
+    weights = []
+    for t in tables:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(t.name.encode()))
+        weights.append(t.init_weight(g))
+    return weights
+
+
+def choose_backends(tables: list[TableSpec], backend: str) -> list[str]:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown lookup backend {backend!r}; choose one of {BACKENDS}")
+    use_fbgemm = backend == "fbgemm" or (backend == "auto" and fbgemm_available())
+    if backend == "fbgemm" and not fbgemm_available():
+        raise RuntimeError("backend 'fbgemm' requested but fbgemm_gpu does not import here")
+    return ["fbgemm" if use_fbgemm and fbgemm_supports(t) else "torch" for t in tables]
+
+
+class FusedLookup(nn.Module):
+    """forward(indices, offsets, per_sample_weights) -> [B, Σ dims], tables in the given order."""
+
+    def __init__(self, tables: list[TableSpec], backend: str = "auto",
+                 optimizer: RowwiseAdagrad | None = None, seed: int = 0,
+                 device: str | torch.device = "cpu"):
+        super().__init__()
+        self.tables = list(tables)
+        self.optimizer = optimizer or RowwiseAdagrad()
+        initial = seeded_initial_weights(self.tables, seed)
+        kinds = choose_backends(self.tables, backend)
+        self.group_tables: list[list[int]] = []
+        groups = []
+        for kind, cls in (("fbgemm", FbgemmLookup), ("torch", TorchLookup)):
+            ids = [i for i, k in enumerate(kinds) if k == kind]
+            if not ids:
+                continue
+            kwargs = {"device": device} if kind == "fbgemm" else {}
+            groups.append(cls([self.tables[i] for i in ids], self.optimizer,
+                              initial=[initial[i] for i in ids], **kwargs))
+            self.group_tables.append(ids)
+        self.groups = nn.ModuleList(groups)
+        dims = [t.dim for t in self.tables]
+        starts = torch.tensor([0] + dims).cumsum(0).tolist()
+        order = [c for ids in self.group_tables for i in ids for c in range(starts[i], starts[i] + dims[i])]
+        # Output columns come back grouped; this puts them in table order.
+        self.register_buffer("_column_order", torch.argsort(torch.tensor(order)), persistent=False)
+
+    @property
+    def backends(self) -> list[str]:
+        names = [""] * len(self.tables)
+        for ids, group in zip(self.group_tables, self.groups):
+            for i in ids:
+                names[i] = group.backend
+        return names
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor,
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if len(self.groups) == 1:
+            return self.groups[0](indices, offsets, per_sample_weights)
+        batch = (offsets.numel() - 1) // len(self.tables)
+        outs = []
+        for ids, group in zip(self.group_tables, self.groups):
+            idx, off, psw = _select_tables(indices, offsets, per_sample_weights, ids, batch)
+            outs.append(group(idx, off, psw))
+        return torch.cat(outs, dim=1)[:, self._column_order]
+
+    def table_weights(self) -> list[torch.Tensor]:
+        return self._in_table_order(lambda g: g.table_weights())
+
+    def optimizer_states(self) -> list[torch.Tensor]:
+        return self._in_table_order(lambda g: g.optimizer_states())
+
+    def _in_table_order(self, get) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(self.tables)
+        for ids, group in zip(self.group_tables, self.groups):
+            for i, t in zip(ids, get(group)):
+                out[i] = t
+        return out
+
+    def lookup_state(self) -> dict[str, torch.Tensor]:
+        """Weights and optimizer state by table name (for checkpoints and export)."""
+        state = {}
+        for t, w, m in zip(self.tables, self.table_weights(), self.optimizer_states()):
+            state[f"{t.name}.weight"] = w.detach().clone()
+            state[f"{t.name}.momentum"] = m.detach().clone()
+        return state
+
+    def load_lookup_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for t, w, m in zip(self.tables, self.table_weights(), self.optimizer_states()):
+                w.copy_(state[f"{t.name}.weight"])
+                m.copy_(state[f"{t.name}.momentum"].view_as(m))
+
+
+def _select_tables(indices, offsets, weights, table_ids, batch):
+    """The TBE inputs restricted to some tables (their bags stay table-major)."""
+    idx_parts, len_parts, w_parts = [], [], []
+    for i in table_ids:
+        bag = offsets[i * batch:(i + 1) * batch + 1]
+        lo, hi = int(bag[0]), int(bag[-1])
+        idx_parts.append(indices[lo:hi])
+        len_parts.append(bag.diff())
+        if weights is not None:
+            w_parts.append(weights[lo:hi])
+    lengths = torch.cat(len_parts)
+    new_offsets = torch.zeros(lengths.numel() + 1, dtype=offsets.dtype)
+    torch.cumsum(lengths, 0, out=new_offsets[1:])
+    return torch.cat(idx_parts), new_offsets, (torch.cat(w_parts) if weights is not None else None)

@@ -1,0 +1,70 @@
+"""Pure-torch reference backend: one `embedding_bag` per table, optimizer applied in backward.
+
+This is the definition every other backend is tested against, and the fallback wherever
+FBGEMM does not import or a table's shape does not suit it (dims not a multiple of 4).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embtables.kernels.optimizer import RowwiseAdagrad, initial_weights
+from embtables.specs import TableSpec
+
+
+class TorchLookup(nn.Module):
+    """Pooled (sum) lookup over many tables, with row-wise Adagrad fused into backward.
+
+    Inputs follow FBGEMM's TBE layout: `indices` flat, `offsets` of length T·B + 1 in
+    table-major order (all bags of table 0, then table 1, …). Output: [B, Σ dims].
+    """
+
+    backend = "torch"
+
+    def __init__(self, tables: list[TableSpec], optimizer: RowwiseAdagrad | None = None,
+                 initial: list[torch.Tensor] | None = None):
+        super().__init__()
+        self.tables = list(tables)
+        self.optimizer = optimizer or RowwiseAdagrad()
+        self.weights = nn.ParameterList(nn.Parameter(w.clone()) for w in initial_weights(self.tables, initial))
+        for i, t in enumerate(self.tables):
+            self.register_buffer(f"momentum_{i}", torch.zeros(t.rows))
+            # Apply the update as soon as this table's gradient is complete, then drop the
+            # gradient: no dense [rows, dim] gradient survives the step.
+            self.weights[i].register_post_accumulate_grad_hook(self._make_hook(i))
+
+    def _make_hook(self, i: int):
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad
+            param.grad = None
+            if grad is None or not self.training:
+                return
+            grad = grad.coalesce()
+            rows = grad.indices()[0]
+            with torch.no_grad():
+                self.optimizer.apply_(param.data, self.momentum(i), rows, grad.values())
+        return hook
+
+    def momentum(self, i: int) -> torch.Tensor:
+        return getattr(self, f"momentum_{i}")
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor,
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        n_tables = len(self.tables)
+        batch = (offsets.numel() - 1) // n_tables
+        outs = []
+        for i, weight in enumerate(self.weights):
+            start, end = i * batch, (i + 1) * batch
+            bag_offsets = offsets[start:end + 1]
+            lo, hi = int(bag_offsets[0]), int(bag_offsets[-1])
+            psw = None if per_sample_weights is None else per_sample_weights[lo:hi]
+            outs.append(F.embedding_bag(indices[lo:hi], weight, bag_offsets[:-1] - lo, mode="sum",
+                                        sparse=True, per_sample_weights=psw, include_last_offset=False))
+        return torch.cat(outs, dim=1)
+
+    def table_weights(self) -> list[torch.Tensor]:
+        return [w.data for w in self.weights]
+
+    def optimizer_states(self) -> list[torch.Tensor]:
+        return [self.momentum(i) for i in range(len(self.tables))]
