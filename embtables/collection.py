@@ -1,0 +1,67 @@
+"""The embedding layer: every method's remap → ONE fused lookup over all tables → combine."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from embtables.kernels import FusedLookup, RowwiseAdagrad
+from embtables.methods.base import Method
+from embtables.specs import FeatureSpec, TableSpec
+
+
+class EmbeddingCollection(nn.Module):
+    """Raw-id KJT (one key per logical feature) → [B, F, d] in feature order."""
+
+    def __init__(self, features: list[FeatureSpec], dim: int, methods: list[Method],
+                 backend: str = "auto", optimizer: RowwiseAdagrad | None = None, seed: int = 0):
+        super().__init__()
+        self.features = list(features)
+        self.dim = dim
+        self.methods = nn.ModuleList(methods)
+        covered = [n for m in methods for n in m.feature_names]
+        if sorted(covered) != sorted(f.name for f in features):
+            raise ValueError(f"methods cover {covered}, features are {[f.name for f in features]}")
+        self.tables: list[TableSpec] = [t for m in methods for t in m.physical_tables()]
+        names = [t.name for t in self.tables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"physical table names collide: {names}")
+        self.lookup = FusedLookup(self.tables, backend=backend, optimizer=optimizer, seed=seed)
+        self._method_order = covered
+        # Position of each logical feature in the methods' concatenated output.
+        self._output_order = [covered.index(f.name) for f in features]
+
+    def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        index = {k: i for i, k in enumerate(sparse.keys())}
+        ordered = sparse.permute([index[n] for n in self._method_order])
+        parts = ordered.split([len(m.features) for m in self.methods])
+        physical = KeyedJaggedTensor.concat([m.remap(p) for m, p in zip(self.methods, parts)])
+        values = physical.values().long()
+        offsets = physical.offsets().long()
+        pooled_all = self.lookup(values, offsets, physical.weights_or_none())
+        pooled = dict(zip((t.name for t in self.tables), pooled_all.split([t.dim for t in self.tables], 1)))
+        out = torch.cat([m.combine({t.name: pooled[t.name] for t in m.physical_tables()})
+                         for m in self.methods], dim=1)
+        return out[:, self._output_order]
+
+    # --- accounting ---------------------------------------------------------------------
+    def embedding_bytes(self) -> int:
+        return sum(m.embedding_bytes() for m in self.methods)
+
+    def full_embedding_bytes(self) -> int:
+        return sum(f.full_bytes(self.dim) for f in self.features)
+
+    def describe(self) -> dict:
+        """Per method: features, tables and the hyperparameters its solve chose."""
+        return [{"method": m.name, "features": m.feature_names,
+                 "tables": [{"name": t.name, "rows": t.rows, "dim": t.dim} for t in m.physical_tables()],
+                 "embedding_bytes": m.embedding_bytes(), "full_bytes": m.full_bytes(),
+                 **({"hyperparameters": m.hyperparameters()} if m.hyperparameters() else {})}
+                for m in self.methods]
+
+    def torchrec_configs(self):
+        """The physical tables as TorchRec EmbeddingBagConfigs (one feature per table), for sharding."""
+        from torchrec import EmbeddingBagConfig, PoolingType
+
+        return [EmbeddingBagConfig(name=t.name, embedding_dim=t.dim, num_embeddings=t.rows,
+                                   feature_names=[t.name], pooling=PoolingType.SUM) for t in self.tables]

@@ -1,0 +1,159 @@
+"""YAML job configs: defaults, `--set a.b=v` overrides, and validation that names the bad key."""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from embtables.errors import ConfigError
+
+# Every key a config may hold, with its default. `None` marks "required or optional, no default".
+# Dicts marked OPEN accept any sub-key (method options, per-feature overrides).
+OPEN = "__open__"
+DEFAULTS: dict[str, Any] = {
+    "data": {
+        "train": None,            # encoded dataset dir (embtables data …) or plain Parquet files/dirs/globs
+        "valid": None,            # plain Parquet only; encoded datasets carry their own split
+        "label": "label",
+        "dense": None,            # column names; None = all dense columns of an encoded dataset
+        "sparse": None,           # [{name: C1}, …] or [C1, …]; None = all sparse features
+        "min_count": 1,           # rarer values map to the feature's OOV id
+    },
+    "model": {
+        "name": "dlrm",           # dlrm | dcnv2
+        "bottom_mlp": [64, 32],   # DLRM: dense → … → embedding.dim
+        "top_mlp": [128, 64],     # DLRM: interactions → … → 1
+        "cross_layers": 3,        # DCNv2
+        "deep_mlp": [256, 128],   # DCNv2
+        "dropout": 0.0,
+    },
+    "embedding": {
+        "dim": 16,
+        "backend": "auto",        # auto | fbgemm | torch
+        "lr": 0.05,               # row-wise Adagrad fused into the lookup's backward
+        "eps": 1e-8,
+        "init_std": 0.01,
+        "compression": {OPEN: True, "method": "full", "ratio": 1.0},
+        "features": {OPEN: True},  # NAME: {compression: {method, ratio, …}}
+    },
+    "train": {
+        "batch_size": 2048,
+        "epochs": 1,
+        "workers": 1,
+        "seed": 0,
+        "checkpoint_every_steps": 0,  # 0 = only at epoch end
+        "optimizer": "adam",      # dense params: adam | adagrad
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "max_steps": None,        # stop early (smoke runs)
+        "eval_batch_size": 16384,
+        "log_every": 20,
+        "threads": None,          # torch intra-op threads; None = all cores
+        "sharding": None,         # table_wise | column_wise | row_wise (distributed runs)
+        "max_failures": 0,
+    },
+}
+
+
+def _did_you_mean(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _merge(defaults: dict, given: dict, path: str) -> dict:
+    out = copy.deepcopy({k: v for k, v in defaults.items() if k != OPEN})
+    for key, value in given.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in defaults and not defaults.get(OPEN):
+            known = [k for k in defaults if k != OPEN]
+            raise ConfigError(f"unknown config key {where!r}{_did_you_mean(str(key), known)}; "
+                              f"known keys here: {', '.join(known)}")
+        default = defaults.get(key)
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {where!r} must be a mapping, got {value!r}")
+            out[key] = _merge(default, value, where)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars/lists: 10, 0.5, true, [1,2], hash."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse value {text!r}: {e}") from None
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r}")
+    dotted, text = assignment.split("=", 1)
+    node = raw
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is not a mapping")
+    node[parts[-1]] = parse_value(text)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: Path | None = None) -> dict:
+    """The validated config: file (if any) + overrides, merged over DEFAULTS."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    cfg = _merge(DEFAULTS, raw, "")
+    check_config(cfg)
+    if path is not None:
+        cfg["_config_dir"] = str(Path(path).resolve().parent)
+    return cfg
+
+
+def check_config(cfg: dict) -> None:
+    def need(cond: bool, key: str, what: str) -> None:
+        if not cond:
+            raise ConfigError(f"config key {key!r} {what}")
+
+    need(cfg["data"]["train"] is not None, "data.train", "is required")
+    need(cfg["model"]["name"] in ("dlrm", "dcnv2"), "model.name", "must be dlrm or dcnv2")
+    need(isinstance(cfg["embedding"]["dim"], int) and cfg["embedding"]["dim"] > 0, "embedding.dim",
+         "must be a positive integer")
+    ratio = cfg["embedding"]["compression"].get("ratio", 1.0)
+    need(isinstance(ratio, (int, float)) and ratio >= 1, "embedding.compression.ratio", "must be a number >= 1")
+    for key in ("batch_size", "epochs", "workers"):
+        value = cfg["train"][key]
+        need(isinstance(value, int) and value > 0, f"train.{key}", "must be a positive integer")
+    need(cfg["train"]["optimizer"] in ("adam", "adagrad"), "train.optimizer", "must be adam or adagrad")
+    for name, override in cfg["embedding"]["features"].items():
+        need(isinstance(override, dict) and set(override) <= {"compression"},
+             f"embedding.features.{name}", "may only hold a 'compression' mapping")
+
+
+def sparse_names(cfg: dict) -> list[str] | None:
+    sparse = cfg["data"]["sparse"]
+    if sparse is None:
+        return None
+    names = []
+    for i, item in enumerate(sparse):
+        if isinstance(item, str):
+            names.append(item)
+        elif isinstance(item, dict) and "name" in item:
+            names.append(item["name"])
+        else:
+            raise ConfigError(f"config key 'data.sparse[{i}]' must be a name or {{name: …}}, got {item!r}")
+    return names
