@@ -63,8 +63,13 @@ def _did_you_mean(key: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _plain(defaults: dict) -> dict:
+    """The defaults without the OPEN markers."""
+    return {k: _plain(v) if isinstance(v, dict) else copy.deepcopy(v) for k, v in defaults.items() if k != OPEN}
+
+
 def _merge(defaults: dict, given: dict, path: str) -> dict:
-    out = copy.deepcopy({k: v for k, v in defaults.items() if k != OPEN})
+    out = _plain(defaults)
     for key, value in given.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in defaults and not defaults.get(OPEN):
