@@ -18,7 +18,9 @@ $(STAMP): requirements.txt setup.py
 
 # A real training run on the shipped MovieLens data: ingest, train, print AUC.
 demo: install
-	$(VENV)/bin/embtables data movielens data/ml-latest-small data/prepared/movielens
+	test -f data/prepared/movielens/stats.json || \
+		$(VENV)/bin/embtables data movielens data/ml-latest-small data/prepared/movielens
+	rm -rf runs/demo
 	$(VENV)/bin/embtables train configs/demo.yaml --out runs/demo
 	@$(PY) -c "import json; m = json.load(open('runs/demo/metrics.json')); print(f\"demo AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  {m['samples_per_sec']:.0f} samples/s\")"
 
