@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 
 from embtables.errors import EmbtablesError
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # TorchRec's jagged tensors ask torch.fx whether it is tracing; torch 2.13 logs a deprecation
+    # notice for that on every process start. It is not ours to act on.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
