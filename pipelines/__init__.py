@@ -1,0 +1,1 @@
+"""Data jobs: ingest raw click logs, encode them to Parquet, stream batches."""

@@ -1,0 +1,294 @@
+"""File I/O with clear errors: atomic outputs, checked Parquet reads, streamed CSV reads.
+
+Every output is built beside its final place and renamed in at the end, so a crash never
+leaves something half-written that looks complete. Every read failure becomes a `DataError`
+that names the file (and the line, row or column when known).
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from embtables.errors import DataError
+
+ENCODED_FORMAT = "embtables-encoded"
+ROW_GROUP_ROWS = 65536
+FILE_ROWS = 16 * ROW_GROUP_ROWS  # ~1M rows per part file
+
+
+# ---------------------------------------------------------------- atomic outputs
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON to a temp file and rename it, so readers never see a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def is_encoded_dataset(path: str | Path) -> bool:
+    stats = Path(path) / "stats.json"
+    if not stats.is_file():
+        return False
+    try:
+        return json.loads(stats.read_text()).get("format") == ENCODED_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def scratch_dir(beside: str | Path, tag: str) -> Iterator[Path]:
+    """A temp dir next to `beside` (same filesystem), always removed afterwards."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    tmp = beside.parent / f".{beside.name}.{tag}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, *, if_exists: str = "replace") -> Iterator[Path]:
+    """Yield a sibling temp dir; on success rename it to `out`, on failure delete it.
+
+    if_exists="replace" swaps out a previous encoded dataset (never an unrelated non-empty
+    directory); "keep" leaves an existing `out` alone and discards the new build (used by
+    caches, where a concurrent builder may have finished first).
+    """
+    out = Path(out)
+    if out.exists() and not _replaceable(out):
+        raise DataError(f"{out} exists and is not an encoded dataset; refusing to overwrite it")
+    with scratch_dir(out, "building") as tmp:
+        yield tmp
+        if out.exists():
+            if if_exists == "keep":
+                return
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+
+
+def _replaceable(out: Path) -> bool:
+    return out.is_dir() and (not any(out.iterdir()) or is_encoded_dataset(out))
+
+
+# ---------------------------------------------------------------- Parquet reads
+
+def expand_paths(paths) -> list[Path]:
+    """Files, directories (all *.parquet inside, sorted) or globs → a sorted list of files."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in paths:
+        p = str(p)
+        if os.path.isdir(p):
+            # Skip hidden and "_"-prefixed entries (temp dirs, Spark/Hive metadata files).
+            found = sorted(f for f in Path(p).rglob("*.parquet")
+                           if not any(part[0] in "._" for part in f.relative_to(p).parts))
+            if not found:
+                raise DataError(f"{p}: directory holds no *.parquet files")
+            files += found
+        elif os.path.isfile(p):
+            files.append(Path(p))
+        else:
+            found = sorted(Path(m) for m in glob.glob(p) if os.path.isfile(m))
+            if not found:
+                raise DataError(f"{p}: no such file, directory or matching glob")
+            files += found
+    if not files:
+        raise DataError("no input files given")
+    return files
+
+
+def open_parquet(path: str | Path, columns: list[str] | None = None) -> pq.ParquetFile:
+    """Open a Parquet file; corrupt, empty or missing-column files raise a DataError naming it."""
+    path = Path(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from None
+    if pf.metadata.num_rows == 0:
+        raise DataError(f"{path}: Parquet file has 0 rows")
+    if columns:
+        have = pf.schema_arrow.names
+        for c in columns:
+            if c not in have:
+                raise DataError(f"{path}: missing column {c!r}; available columns: {', '.join(have)}")
+    return pf
+
+
+def read_row_group(pf: pq.ParquetFile, path: Path, index: int, columns: list[str]) -> pa.Table:
+    """One row group; a corrupt page raises a DataError naming the file and row group."""
+    try:
+        return pf.read_row_group(index, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: row group {index} is unreadable (truncated or corrupt?): {e}") from None
+
+
+def iter_batches(pf: pq.ParquetFile, path: Path, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Stream record batches of one file, mapping read failures to a DataError naming it."""
+    it = pf.iter_batches(batch_size=batch_rows, columns=columns)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: unreadable Parquet data (truncated or corrupt?): {e}") from None
+        yield batch
+
+
+# ---------------------------------------------------------------- Parquet writes
+
+class PartWriter:
+    """Writes `DIR/part-00000.parquet, ...`: row groups of ROW_GROUP_ROWS, files of FILE_ROWS."""
+
+    def __init__(self, directory: Path, schema: pa.Schema, *, row_group: int = ROW_GROUP_ROWS,
+                 file_rows: int = FILE_ROWS):
+        self.directory, self.schema = Path(directory), schema
+        self.row_group, self.file_rows = row_group, max(file_rows, row_group)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.files: list[Path] = []
+        self.rows = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._file_rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self._pending.append(table.cast(self.schema))
+        self._pending_rows += table.num_rows
+        while self._pending_rows >= self.row_group:
+            self._flush(self.row_group)
+
+    def close(self) -> list[Path]:
+        while self._pending_rows:
+            self._flush(min(self._pending_rows, self.row_group))
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return self.files
+
+    def _flush(self, n: int) -> None:
+        # Cut exactly n rows off the buffer so every row group but the last is full-sized.
+        table = pa.concat_tables(self._pending)
+        head, rest = table.slice(0, n), table.slice(n)
+        self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        if self._writer is None or self._file_rows + n > self.file_rows:
+            if self._writer is not None:
+                self._writer.close()
+            path = self.directory / f"part-{len(self.files):05d}.parquet"
+            self._writer = pq.ParquetWriter(path, self.schema)
+            self.files.append(path)
+            self._file_rows = 0
+        self._writer.write_table(head, row_group_size=n)
+        self._file_rows += n
+        self.rows += n
+
+
+# ---------------------------------------------------------------- CSV reads
+
+class CsvStream:
+    """Stream a (possibly .gz) CSV/TSV file as record batches, keeping physical line numbers.
+
+    Rows with the wrong field count raise a DataError naming the file and line. Blank lines are
+    kept as all-null rows (so line numbers stay exact) and fail the caller's label check.
+    """
+
+    def __init__(self, path: str | Path, *, names: list[str], types: dict,
+                 delimiter: str = ",", header: bool = True, block_bytes: int = 8 << 20):
+        self.path = Path(path)
+        self.first_line = 2 if header else 1  # physical line of the first data row
+        self._bad: list = []
+        read = pa_csv.ReadOptions(column_names=names, skip_rows=1 if header else 0,
+                                  use_threads=False, block_size=block_bytes)
+        parse = pa_csv.ParseOptions(delimiter=delimiter, ignore_empty_lines=False,
+                                    invalid_row_handler=self._on_bad_row)
+        convert = pa_csv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True)
+        self._names = names
+        try:
+            self._reader = pa_csv.open_csv(pa.input_stream(str(self.path), compression="detect"),
+                                           read_options=read, parse_options=parse, convert_options=convert)
+        except (pa.ArrowException, OSError) as e:
+            raise self._error(e) from None
+
+    def _on_bad_row(self, row) -> str:
+        self._bad.append(row)
+        return "error"
+
+    def _error(self, e: Exception) -> DataError:
+        if self._bad:
+            row = self._bad[0]
+            return DataError(f"{self.path}: line {row.number}: expected {row.expected_columns} fields, "
+                             f"got {row.actual_columns}: {row.text[:200]!r}")
+        msg = str(e)
+        if "In CSV column #" in msg:
+            # pyarrow names the column by position; give the user its name.
+            idx = int(msg.split("In CSV column #")[1].split(":")[0])
+            if idx < len(self._names):
+                return DataError(f"{self.path}: column {self._names[idx]!r}: {msg}")
+        return DataError(f"{self.path}: cannot read as CSV: {msg}")
+
+    def require(self, batch: pa.RecordBatch, name: str, ok: np.ndarray, rows_before: int, what: str) -> None:
+        """DataError naming file, line and value at the first row of `batch` where `ok` is False."""
+        if ok.all():
+            return
+        i = int(np.flatnonzero(~ok)[0])
+        line = self.first_line + rows_before + i
+        value = batch.column(name)[i].as_py()
+        shown = "is missing" if value is None else f"{value!r} {what}"
+        raise DataError(f"{self.path}: line {line}: {name} {shown}")
+
+    def require_binary(self, batch: pa.RecordBatch, name: str, rows_before: int) -> None:
+        """A label column must be 0 or 1 on every row."""
+        values = batch.column(name)
+        ok = pc.fill_null(pc.is_in(values, value_set=pa.array([0, 1], values.type)), False)
+        self.require(batch, name, ok.to_numpy(zero_copy_only=False), rows_before, "is not 0 or 1")
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        while True:
+            try:
+                batch = self._reader.read_next_batch()
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError, EOFError) as e:
+                raise self._error(e) from None
+            yield batch
+
+
+def read_first_line(path: str | Path) -> str:
+    """The first line of a (possibly compressed) text file, for layout detection."""
+    try:
+        with pa.input_stream(str(path), compression="detect") as f:
+            head = b""
+            while b"\n" not in head:
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    break
+                head += chunk
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    return head.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
