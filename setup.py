@@ -3,7 +3,21 @@
 One namespace is installed: `embtables` (the library), `embtables.kernels` (from kernels/)
 and `embtables.pipelines` (from pipelines/).
 """
-from setuptools import setup
+import os
+
+from setuptools import Extension, setup
+
+# The fast CPU lookup (kernels/cpu_fused.py calls it through ctypes; no torch headers needed).
+# optional=True: when it cannot compile, the install still succeeds and the torch reference is used.
+# Built on the machine that installs it, so -march=native (AVX-512 where present); set
+# EMBTABLES_CPU_ARCH (e.g. x86-64-v2) for a build that must run on other CPUs.
+cpu_fused = Extension(
+    "embtables.kernels._cpu_fused",
+    sources=["kernels/csrc/cpu_fused.cpp"],
+    extra_compile_args=["-O3", "-fopenmp", "-std=c++17", f"-march={os.environ.get('EMBTABLES_CPU_ARCH', 'native')}"],
+    extra_link_args=["-fopenmp"],
+    optional=True,
+)
 
 setup(
     name="embtables",
@@ -28,5 +42,6 @@ setup(
         "gpu": ["torch==2.13.0", "fbgemm-gpu==1.8.0", "triton"],
         "test": ["pytest", "triton"],
     },
+    ext_modules=[cpu_fused],
     entry_points={"console_scripts": ["embtables=embtables.cli:main"]},
 )

@@ -1,0 +1,8 @@
+"""embtables: compressed embedding tables for CTR training, export and serving."""
+
+
+def load(path, device="cpu", backend="auto", verify=True):
+    """The inference module of an export dir (see embtables.inference.load)."""
+    from embtables.inference import load as _load  # lazy: `import embtables` stays light
+
+    return _load(path, device=device, backend=backend, verify=verify)

@@ -26,7 +26,17 @@ class EmbeddingCollection(nn.Module):
         names = [t.name for t in self.tables]
         if len(set(names)) != len(names):
             raise ValueError(f"physical table names collide: {names}")
-        self.lookup = FusedLookup(self.tables, backend=backend, optimizer=optimizer, seed=seed)
+        # backend "sharded": no local tables; pipelines.sharding attaches a TorchRec lookup later.
+        self.sharded = backend == "sharded"
+        # backend "triton" (GPU, opt-in): remap + lookup + combine of every method in one kernel.
+        self.fused_methods = backend == "triton"
+        if self.fused_methods:
+            from embtables.kernels.triton_lookup import TritonMethodLookup
+
+            self.lookup = TritonMethodLookup(methods, optimizer, seed=seed)
+        else:
+            self.lookup = None if self.sharded else FusedLookup(self.tables, backend=backend, optimizer=optimizer,
+                                                                 seed=seed)
         self._method_order = covered
         # Position of each logical feature in the methods' concatenated output.
         self._output_order = [covered.index(f.name) for f in features]
@@ -34,15 +44,43 @@ class EmbeddingCollection(nn.Module):
     def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         index = {k: i for i, k in enumerate(sparse.keys())}
         ordered = sparse.permute([index[n] for n in self._method_order])
+        if self.fused_methods:
+            out = self.lookup(ordered)  # raw ids in method order → [B, F, d]
+        else:
+            out = self._remap_lookup_combine(ordered)
+        if self._output_order == sorted(self._output_order):  # already in feature order: no copy
+            return out
+        # index_select: its backward is a cheap index_add, advanced indexing's a slow scatter
+        return out.index_select(1, torch.tensor(self._output_order, device=out.device))
+
+    def _remap_lookup_combine(self, ordered: KeyedJaggedTensor) -> torch.Tensor:
         parts = ordered.split([len(m.features) for m in self.methods])
         physical = KeyedJaggedTensor.concat([m.remap(p) for m, p in zip(self.methods, parts)])
-        values = physical.values().long()
-        offsets = physical.offsets().long()
-        pooled_all = self.lookup(values, offsets, physical.weights_or_none())
-        pooled = dict(zip((t.name for t in self.tables), pooled_all.split([t.dim for t in self.tables], 1)))
-        out = torch.cat([m.combine({t.name: pooled[t.name] for t in m.physical_tables()})
-                         for m in self.methods], dim=1)
-        return out[:, self._output_order]
+        if self.sharded:  # TorchRec EBC: DistributedModelParallel places tables and communicates
+            pooled = self.lookup(physical)
+        else:
+            values = physical.values().long()
+            offsets = physical.offsets().long()
+            pooled_all = self.lookup(values, offsets, physical.weights_or_none())
+            pooled = dict(zip((t.name for t in self.tables), pooled_all.split([t.dim for t in self.tables], 1)))
+        return torch.cat([m.combine({t.name: pooled[t.name] for t in m.physical_tables()})
+                          for m in self.methods], dim=1)
+
+    def use_sharded_lookup(self, lookup: nn.Module) -> None:
+        """Serve the tables from `lookup(physical KJT) -> {table name: [B, dim]}` instead of the
+        FusedLookup (a TorchRec EmbeddingBagCollection, sharded by DistributedModelParallel)."""
+        self.lookup = lookup
+        self.sharded = True
+
+    # --- training hooks of the methods -----------------------------------------------------
+    def regularization(self) -> torch.Tensor | None:
+        """Sum of the methods' loss terms, or None when no method has one."""
+        terms = [r for m in self.methods if (r := m.regularization()) is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def param_groups(self) -> list[dict]:
+        """Method parameters that need their own optimizer (see Method.param_groups)."""
+        return [g for m in self.methods for g in m.param_groups()]
 
     # --- accounting ---------------------------------------------------------------------
     def embedding_bytes(self) -> int:

@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "embedding": {
         "dim": 16,
-        "backend": "auto",        # auto | fbgemm | torch
+        "backend": "auto",        # auto | fbgemm | torch | cpu_fused
         "lr": 0.05,               # row-wise Adagrad fused into the lookup's backward
         "eps": 1e-8,
         "init_std": 0.01,
@@ -52,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
         "eval_batch_size": 16384,
         "log_every": 20,
         "threads": None,          # torch intra-op threads; None = all cores
+        "precision": "fp32",      # fp32 | bf16 | auto (bf16 autocast for the dense network where it is
+                                  # faster, i.e. AMX or CUDA; tables and loss stay fp32)
+        "prefetch": 2,            # batches prepared ahead on a background thread; 0 = off
         "sharding": None,         # table_wise | column_wise | row_wise (distributed runs)
         "max_failures": 0,
     },
@@ -144,6 +147,9 @@ def check_config(cfg: dict) -> None:
         value = cfg["train"][key]
         need(isinstance(value, int) and value > 0, f"train.{key}", "must be a positive integer")
     need(cfg["train"]["optimizer"] in ("adam", "adagrad"), "train.optimizer", "must be adam or adagrad")
+    need(cfg["train"]["precision"] in ("fp32", "bf16", "auto"), "train.precision", "must be fp32, bf16 or auto")
+    need(isinstance(cfg["train"]["prefetch"], int) and cfg["train"]["prefetch"] >= 0, "train.prefetch",
+         "must be an integer >= 0")
     for name, override in cfg["embedding"]["features"].items():
         need(isinstance(override, dict) and set(override) <= {"compression"},
              f"embedding.features.{name}", "may only hold a 'compression' mapping")

@@ -57,6 +57,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict:
+    from embtables.pipelines.dist_checkpoint import is_sharded_checkpoint, load_full_state
+
+    if is_sharded_checkpoint(path):  # written by a distributed run: gathered into whole tables
+        return load_full_state(path)
     try:
         return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
     except Exception as e:

@@ -15,6 +15,7 @@ REGISTRY = {
     "multiplexed": "embtables.methods.multiplexed:Multiplexed",
     "mixed_dim": "embtables.methods.mixed_dim:MixedDim",
     "low_rank": "embtables.methods.low_rank:LowRank",
+    "optembed": "embtables.methods.optembed:OptEmbed",
 }
 
 

@@ -7,6 +7,7 @@ runs every method's tables through one fused, shardable lookup.
 """
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar
 
 import torch
@@ -52,6 +53,15 @@ class Method(nn.Module):
         """Methods for all features given this method; per-feature by default."""
         return [cls.solve(f, dim, ratio, **options) for f in features]
 
+    def regularization(self) -> torch.Tensor | None:
+        """A term added to the training loss (e.g. OptEmbed's threshold penalty); None = nothing."""
+        return None
+
+    def param_groups(self) -> list[dict]:
+        """Own parameters that need their own optimizer, kept out of the dense one:
+        [{"params": [...], "optimizer": "sgd", "lr": 1e-4}, …]."""
+        return []
+
     def hyperparameters(self) -> dict:
         """What `solve` chose, for metrics.json and the export manifest."""
         return {}
@@ -61,8 +71,49 @@ class Method(nn.Module):
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         manifest = {"method": self.name, "features": self.feature_names, "dim": self.dim,
                     "tables": [t.name for t in self.physical_tables()],
-                    "hyperparameters": self.hyperparameters()}
+                    "hyperparameters": self.hyperparameters(),
+                    "feature_specs": [{"name": f.name, "rows": f.rows, "multi_hot": f.multi_hot,
+                                       "mean_length": f.mean_length} for f in self.features],
+                    "init": self.init_arguments()}
         return tensors, manifest
+
+    def init_arguments(self) -> dict:
+        """Constructor keywords (besides the features) that rebuild this method's structure.
+
+        Generic: each constructor parameter is read from the attribute of the same name, else
+        from hyperparameters(); tensors are left out (they come back from the state dict).
+        Override when a constructor parameter is stored under another name.
+        """
+        hyper, args = self.hyperparameters(), {}
+        for name, p in list(inspect.signature(type(self).__init__).parameters.items())[1:]:
+            if name in ("feature", "features") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            if hasattr(self, name):
+                value = getattr(self, name)
+            elif name in hyper:
+                value = hyper[name]
+            elif p.default is not p.empty:
+                continue
+            else:
+                raise NotImplementedError(f"method {self.name!r}: constructor argument {name!r} is neither an "
+                                          f"attribute nor a hyperparameter; override init_arguments()")
+            if isinstance(value, torch.Tensor):
+                if p.default is p.empty:
+                    raise NotImplementedError(f"method {self.name!r}: tensor argument {name!r} has no default; "
+                                              f"override init_arguments() and from_export()")
+                continue
+            args[name] = value
+        return args
+
+    @classmethod
+    def from_export(cls, entry: dict, tensors: dict[str, torch.Tensor]) -> "Method":
+        """The method rebuilt from its manifest entry and tensors (the inverse of `export`)."""
+        features = [FeatureSpec(**f) for f in entry["feature_specs"]]
+        params = inspect.signature(cls.__init__).parameters
+        first = features[0] if "feature" in params else features
+        method = cls(first, **entry["init"])
+        method.load_state_dict(tensors, strict=True)
+        return method
 
     # --- accounting ---------------------------------------------------------------------
     def embedding_bytes(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from embtables.kernels.interaction import pair_index, pairwise_dots
 from embtables.models.layers import mlp
 
 
@@ -18,6 +19,7 @@ class DLRM(nn.Module):
         rows, cols = torch.triu_indices(n_vectors, n_vectors, offset=1)
         self.register_buffer("pair_rows", rows, persistent=False)
         self.register_buffer("pair_cols", cols, persistent=False)
+        self.register_buffer("pair_flat", pair_index(n_vectors), persistent=False)
         top_in = self.n_pairs + (dim if self.bottom is not None else 0)
         self.top = nn.Sequential(mlp([top_in, *top_mlp], dropout), nn.Linear(top_mlp[-1] if top_mlp else top_in, 1))
 
@@ -28,6 +30,6 @@ class DLRM(nn.Module):
             vectors = torch.cat([x.unsqueeze(1), embedded], dim=1)
         else:
             x, vectors = None, embedded
-        dots = torch.bmm(vectors, vectors.transpose(1, 2))[:, self.pair_rows, self.pair_cols]
+        dots = pairwise_dots(vectors, self.pair_flat)  # = bmm(V, Vᵀ)[:, pair_rows, pair_cols], faster backward
         top_in = dots if x is None else torch.cat([x, dots], dim=1)
         return self.top(top_in).squeeze(1)

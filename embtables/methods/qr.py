@@ -1,0 +1,136 @@
+"""qr: quotient–remainder compositional embeddings (Shi et al. 2020).
+
+Two tables, Q with ⌈n/c⌉ rows and R with c rows; id ↦ (id // c, id % c) is a bijection onto
+pairs, so no two ids share a representation: emb = Q[id // c] ∘ R[id % c], ∘ ∈ {mult, add,
+concat}. Pooling sums each table over the bag before ∘, so for a multi-hot bag `mult` gives
+(ΣQ)∘(ΣR), as DLRM's QR embedding bag does; add and concat are exact.
+
+`frequency_aware` (ids are in descending frequency order) swaps which index the big table
+takes: Q[id % ⌈n/c⌉] ∘ R[id // ⌈n/c⌉]. The ⌈n/c⌉ most frequent ids then each get a Q row of
+their own and share only R[0]; the pairs stay unique.
+
+Reach: Q and R together hold at least ≈ 2√n rows, so `mult`/`add` cannot compress a feature
+more than ≈ √n/2 (`concat`, with half-width rows, ≈ √n). Out of reach, the group solve makes
+the other features pay (see `solve_within_budget`) or raises a ConfigError saying how far qr
+can go — it never drops the unique-pair guarantee.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torchrec import KeyedJaggedTensor
+
+from embtables.methods.base import Method
+from embtables.methods.hashing import solve_within_budget
+from embtables.specs import FeatureSpec, TableSpec
+
+OPS = ("mult", "add", "concat")
+
+
+class QuotientRemainder(Method):
+    name = "qr"
+
+    def __init__(self, feature: FeatureSpec, dim: int, collisions: int, op: str = "mult",
+                 frequency_aware: bool = True, init_std: float = 0.01):
+        super().__init__([feature], dim)
+        if op not in OPS:
+            raise ValueError(f"qr: op must be one of {OPS}, got {op!r}")
+        if op == "concat" and dim < 2:
+            raise ValueError("qr: op 'concat' needs dim >= 2")
+        self.op = op
+        self.frequency_aware = frequency_aware
+        self.init_std = init_std
+        self.c = int(collisions)  # R's rows: how many ids share each Q row
+        self.q_rows = math.ceil(feature.rows / self.c)
+        # Frequency-aware R is indexed by id // q_rows, which may need fewer than c rows.
+        self.r_rows = math.ceil(feature.rows / self.q_rows) if frequency_aware else self.c
+        self.q_dim, self.r_dim = part_dims(dim, op)
+
+    @property
+    def q_name(self) -> str:
+        return f"{self.features[0].name}/qr_q"
+
+    @property
+    def r_name(self) -> str:
+        return f"{self.features[0].name}/qr_r"
+
+    def physical_tables(self) -> list[TableSpec]:
+        if self.op == "mult":
+            std = math.sqrt(self.init_std)  # product of two N(0, s) has std s² = init_std
+        elif self.op == "add":
+            std = self.init_std / math.sqrt(2)  # sum of two keeps init_std
+        else:
+            std = self.init_std
+        return [TableSpec(self.q_name, self.q_rows, self.q_dim, init_std=std),
+                TableSpec(self.r_name, self.r_rows, self.r_dim, init_std=std)]
+
+    def pair(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q row, R row) of each id."""
+        ids = ids.long()
+        if self.frequency_aware:
+            return ids % self.q_rows, ids // self.q_rows
+        return ids // self.c, ids % self.c
+
+    def remap(self, ids: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        q, r = self.pair(ids.values())
+        lengths = ids.lengths()
+        weights = ids.weights_or_none()
+        if weights is not None:
+            # mult: weight one factor only, so a single-id bag gives w·(Q∘R), not w²·(Q∘R).
+            r_weights = torch.ones_like(weights) if self.op == "mult" else weights
+            weights = torch.cat([weights, r_weights])
+        return KeyedJaggedTensor(keys=[self.q_name, self.r_name], values=torch.cat([q, r]),
+                                 lengths=torch.cat([lengths, lengths]), weights=weights)
+
+    def combine(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        q, r = pooled[self.q_name], pooled[self.r_name]
+        if self.op == "mult":
+            out = q * r
+        elif self.op == "add":
+            out = q + r
+        else:
+            out = torch.cat([q, r], dim=1)
+        return out.unsqueeze(1)
+
+    def hyperparameters(self) -> dict:
+        return {"collisions": self.c, "q_rows": self.q_rows, "r_rows": self.r_rows, "op": self.op,
+                "frequency_aware": self.frequency_aware,
+                "achieved_ratio": round(self.full_bytes() / self.embedding_bytes(), 3)}
+
+    # --- solving ------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, feature: FeatureSpec, dim: int, ratio: float, op: str = "mult",
+            frequency_aware: bool = True, init_std: float = 0.01) -> "QuotientRemainder":
+        """The fewest collisions c (largest Q) within full / ratio; the smallest form if none fits."""
+        n = feature.rows
+        a, b = part_dims(dim, op)
+        budget = n * dim / ratio  # in floats
+        cost = lambda c: math.ceil(n / c) * a + c * b  # noqa: E731
+        # a·n/c + b·c ≤ budget  ⇔  b·c² − budget·c + a·n ≤ 0: c at the quadratic's smaller root.
+        disc = budget * budget - 4 * a * b * n
+        mid = max(1, round(math.sqrt(a * n / b)))  # where cost is least
+        c_best = None
+        if disc >= 0:  # usually the first c tried fits; the scan is long only at the edge of reach
+            start = max(1, math.floor((budget - math.sqrt(disc)) / (2 * b)) - 2)
+            c_best = next((c for c in range(start, min(n, max(start, mid) + 3) + 1) if cost(c) <= budget), None)
+        if c_best is None:  # out of reach: the smallest form
+            c_best = min(range(max(1, mid - 3), min(n, mid + 3) + 1), key=lambda c: (cost(c), c))
+        return cls(feature, dim, c_best, op=op, frequency_aware=frequency_aware, init_std=init_std)
+
+    @classmethod
+    def solve(cls, feature: FeatureSpec, dim: int, ratio: float, op: str = "mult",
+              frequency_aware: bool = True, init_std: float = 0.01) -> "QuotientRemainder":
+        return solve_within_budget(cls.fit, [feature], dim, ratio, op=op,
+                                   frequency_aware=frequency_aware, init_std=init_std)[0]
+
+    @classmethod
+    def solve_group(cls, features: list[FeatureSpec], dim: int, ratio: float, op: str = "mult",
+                    frequency_aware: bool = True, init_std: float = 0.01) -> list["QuotientRemainder"]:
+        return solve_within_budget(cls.fit, features, dim, ratio, op=op,
+                                   frequency_aware=frequency_aware, init_std=init_std)
+
+
+def part_dims(dim: int, op: str) -> tuple[int, int]:
+    """Widths of Q and R rows: the full dim, or halves for concat."""
+    return (dim - dim // 2, dim // 2) if op == "concat" else (dim, dim)

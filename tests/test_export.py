@@ -1,0 +1,285 @@
+"""Export → load → predict: exact fp32 round trips for every method, quantized exports, raw
+Parquet scoring through the export's vocabularies, and corrupt/half-written exports."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torchrec import KeyedJaggedTensor
+
+import embtables
+from embtables import export as export_mod
+from embtables.cli import main as cli_main
+from embtables.collection import EmbeddingCollection
+from embtables.config import load_config
+from embtables.errors import DataError, ExportError
+from embtables.export import export_run
+from embtables.methods import REGISTRY, method_class
+from embtables.pipelines.evaluate import predict_split
+from embtables.pipelines.predict import predict
+from embtables.pipelines.setup_run import load_run
+from embtables.pipelines.stats import prepare_parquet
+from embtables.specs import FeatureSpec
+from embtables.pipelines.train import train
+
+CARDS = {"user": 2000, "item": 1500, "c3": 800, "c4": 800, "c5": 600, "c6": 400}
+
+
+def raw_table(rows: int, seed: int, unseen: bool = False) -> pa.Table:
+    """Click rows from a planted logistic model: int and string ids, a multi-hot string column."""
+    rng = np.random.default_rng(seed)
+    cols, logit = {}, np.zeros(rows)
+    for j, (name, card) in enumerate(CARDS.items()):
+        # Half power-law, half uniform: a head to learn, and a vocabulary large enough that
+        # safetensors' header is a small share of the file.
+        ids = np.where(rng.random(rows) < 0.5, np.minimum(rng.zipf(1.3, rows) - 1, card - 1),
+                       rng.integers(0, card, rows))
+        logit += np.sin(ids * (j + 1.7)) * 0.8
+        cols[name] = [f"s{i}" for i in ids] if name == "item" else ids + 1000 * j + (10**6 if unseen else 0)
+    tags = [[f"t{int(t)}" for t in rng.integers(0, 40, rng.integers(0, 4))] for _ in range(rows)]
+    logit += np.array([0.3 * len(t) - 0.45 for t in tags])
+    dense = rng.exponential(3.0, rows)
+    logit += 0.3 * np.log1p(dense) - 0.5
+    label = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    return pa.table({"label": label, "I1": dense, **cols, "tags": tags})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export_data")
+    pq.write_table(raw_table(4000, 0), tmp / "train.parquet")
+    pq.write_table(raw_table(800, 1), tmp / "valid.parquet")
+    pq.write_table(raw_table(300, 2, unseen=True), tmp / "unseen.parquet")
+    ds = prepare_parquet(tmp / "train.parquet", tmp / "valid.parquet", label="label", dense=["I1"],
+                         sparse=[*CARDS, "tags"], out=tmp / "ds", row_group=512)
+    return tmp, ds
+
+
+def other_methods() -> list[str]:
+    """Methods that exist now, build from a plain config (optembed trains in stages) and run
+    through the training collection (a probe forward on a small feature)."""
+    found = []
+    for name in REGISTRY:
+        if name in ("full", "optembed"):
+            continue
+        try:
+            feature = FeatureSpec("f", 200, counts=np.arange(200, 0, -1))
+            methods = method_class(name).solve_group([feature], 16, 4.0)
+            kjt = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 5, 199]), lengths=torch.tensor([1, 2]))
+            EmbeddingCollection([feature], 16, methods, backend="torch")(kjt)
+        except Exception:  # not written yet, or not wired into the collection yet
+            continue
+        found.append(name)
+    return found
+
+
+def run(tmp, ds, name, features: dict | None = None, dim: int = 16):
+    cfg_path = tmp / f"{name}.yaml"
+    cfg_path.write_text(f"data: {{train: {ds}}}\nmodel: {{name: dlrm, bottom_mlp: [8], top_mlp: [16]}}\n"
+                        f"embedding: {{dim: {dim}, backend: torch, features: {json.dumps(features or {})}}}\n"
+                        "train: {batch_size: 256, epochs: 2, threads: 1}\n")
+    out = tmp / name
+    metrics = train(load_config(cfg_path), out, progress=False)
+    return out, metrics
+
+
+@pytest.fixture(scope="module")
+def full_run(data):
+    tmp, ds = data
+    return run(tmp, ds, "full_run")
+
+
+@pytest.fixture(scope="module")
+def mixed_run(data):
+    """One run where each large feature uses another method (whichever exist)."""
+    tmp, ds = data
+    names = [*CARDS, "tags"]
+    features = {f: {"compression": {"method": m, "ratio": 4}} for f, m in zip(names, other_methods())}
+    return run(tmp, ds, "mixed_run", features)
+
+
+def model_probs(run_dir):
+    model, cfg, inputs = load_run(run_dir)
+    return predict_split(model, inputs.dataset, "valid", inputs.dense_index, 4096)
+
+
+def test_fp32_export_reproduces_full_run(tmp_path, full_run, data):
+    run_dir, metrics = full_run
+    out = export_run(run_dir, tmp_path / "exp")
+    m = predict(out, data[1], tmp_path / "pred.parquet", tmp_path / "m.json", progress=False)
+    assert abs(m["auc"] - metrics["auc"]) < 1e-4 and m["rows"] == metrics["valid_rows"]
+    labels, probs = model_probs(run_dir)
+    pred = pq.read_table(tmp_path / "pred.parquet")
+    assert pred.column_names == ["row", "prediction", "logit", "label"]
+    assert np.allclose(pred["prediction"].to_numpy(), probs, atol=1e-6)
+    assert (pred["label"].to_numpy() == labels).all()
+    assert json.loads((tmp_path / "m.json").read_text())["auc"] == pytest.approx(m["auc"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    # Bytes on disk: tensors within 5% of embedding_bytes + the dense model.
+    on_disk = (out / "embeddings.safetensors").stat().st_size + (out / "dense.safetensors").stat().st_size
+    expected = metrics["embedding_bytes"] + manifest["bytes"]["dense"]
+    assert abs(on_disk - expected) <= 0.05 * expected
+    assert manifest["bytes"]["embedding"] == metrics["embedding_bytes"]
+
+
+def test_every_method_round_trips_in_fp32(tmp_path, mixed_run, data):
+    run_dir, metrics = mixed_run
+    used = {m["method"] for m in metrics["embedding"]}
+    assert set(other_methods()) <= used and "full" in used
+    out = export_run(run_dir, tmp_path / "exp")
+    m = predict(out, data[1], tmp_path / "pred.parquet", progress=False)
+    _, probs = model_probs(run_dir)
+    assert np.allclose(pq.read_table(tmp_path / "pred.parquet")["prediction"].to_numpy(), probs, atol=1e-6)
+    assert abs(m["auc"] - metrics["auc"]) < 1e-4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {e["method"] for e in manifest["methods"]} == used
+    assert manifest["bytes"]["embedding"] == metrics["embedding_bytes"]
+
+
+def test_quantizing_never_grows_a_table(tmp_path, mixed_run, data):
+    run_dir, _ = mixed_run
+    # 8 residual bits a dim: 8 × (⌈d/8⌉ bytes + a 2-byte scale) a row beats fp32 only for d > 6.
+    out = export_run(run_dir, tmp_path / "exp", quantize="binary", binary_bits=8)
+    tables = json.loads((out / "manifest.json").read_text())["tables"]
+    assert all(t["bytes"] <= t["rows"] * t["dim"] * 4 for t in tables)
+    assert all(t["precision"] == ("binary" if t["dim"] > 6 else "none") for t in tables)
+    assert {t["precision"] for t in tables} == {"binary", "none"}  # the mixed_dim/low_rank run has both
+    m = predict(out, data[1], tmp_path / "p.parquet", progress=False)
+    assert abs(m["auc"] - mixed_run[1]["auc"]) < 0.01
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4", "binary"])
+def test_quantized_exports(tmp_path, full_run, data, precision):
+    run_dir, metrics = full_run
+    out = export_run(run_dir, tmp_path / "exp", quantize=precision)
+    manifest = json.loads((out / "manifest.json").read_text())
+    b = manifest["bytes"]
+    assert b["embedding"] == b["embedding_expected"]
+    on_disk = (out / "embeddings.safetensors").stat().st_size
+    if precision != "binary":  # binary tables are ~20 KB here: the ~1 KB header alone is 5%
+        assert abs(on_disk - b["embedding"]) <= 0.05 * b["embedding"]
+    header = int.from_bytes((out / "embeddings.safetensors").read_bytes()[:8], "little")
+    assert on_disk - 8 - header == b["embedding"]  # the rest is safetensors' JSON header
+    m = predict(out, data[1], tmp_path / "p.parquet", progress=False)
+    if precision == "int8":
+        assert b["embedding"] <= 0.3 * metrics["embedding_bytes"]
+        assert abs(m["auc"] - metrics["auc"]) < 0.002
+    else:
+        assert m["auc"] > 0.55  # degraded at most, never broken
+    t = predict(out, data[1], tmp_path / "t.parquet", backend="torch", progress=False)
+    assert np.allclose(pq.read_table(tmp_path / "p.parquet")["logit"].to_numpy(),
+                       pq.read_table(tmp_path / "t.parquet")["logit"].to_numpy(), atol=1e-5)
+
+
+def test_raw_parquet_scores_like_encoded(tmp_path, full_run, data):
+    tmp, ds = data
+    out = export_run(full_run[0], tmp_path / "exp")
+    enc = predict(out, ds, tmp_path / "enc.parquet", progress=False)
+    raw = predict(out, tmp / "valid.parquet", tmp_path / "raw.parquet", keep=["user"], progress=False)
+    a, b = pq.read_table(tmp_path / "enc.parquet"), pq.read_table(tmp_path / "raw.parquet")
+    assert np.allclose(a["logit"].to_numpy(), b["logit"].to_numpy(), atol=1e-6) and raw["auc"] == enc["auc"]
+    assert b["user"].to_pylist() == pq.read_table(tmp / "valid.parquet")["user"].to_pylist()
+    # Values never seen in training score exactly like the OOV id.
+    model = embtables.load(out)
+    unseen = pq.read_table(tmp / "unseen.parquet")
+    p = model.score(unseen)
+    oov = unseen.drop_columns(["user", "c3"]).append_column("user", pa.array([-5] * 300)) \
+        .append_column("c3", pa.array([None] * 300, pa.int64()))
+    assert np.allclose(p, model.score(oov), atol=1e-6)
+
+
+def test_bad_predict_inputs(tmp_path, full_run, data):
+    tmp, ds = data
+    out = export_run(full_run[0], tmp_path / "exp")
+    t = pq.read_table(tmp / "valid.parquet")
+    pq.write_table(t.drop_columns(["c4"]), tmp_path / "nocol.parquet")
+    with pytest.raises(DataError, match=r"nocol\.parquet.*missing column 'c4'"):
+        predict(out, tmp_path / "nocol.parquet", tmp_path / "x.parquet", progress=False)
+    pq.write_table(t.drop_columns(["item"]).append_column("item", pa.array(range(t.num_rows))), tmp_path / "ty.parquet")
+    with pytest.raises(DataError, match="'item' holds int64 values but the export expects string"):
+        predict(out, tmp_path / "ty.parquet", tmp_path / "x.parquet", progress=False)
+    other = prepare_parquet(tmp / "unseen.parquet", None, label="label", dense=["I1"], sparse=[*CARDS, "tags"],
+                            out=tmp_path / "other")
+    with pytest.raises(DataError, match="another vocabulary"):
+        predict(out, other, tmp_path / "x.parquet", progress=False)
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_corrupt_and_tampered_exports(tmp_path, full_run):
+    good = export_run(full_run[0], tmp_path / "good")
+    embtables.load(good)
+
+    def broken(name, edit):
+        bad = tmp_path / name
+        export_run(full_run[0], bad)
+        edit(bad)
+        return bad
+
+    def flip(p):
+        data = bytearray((p / "embeddings.safetensors").read_bytes())
+        data[-3] ^= 0xFF
+        (p / "embeddings.safetensors").write_bytes(bytes(data))
+
+    def drop(p):
+        t = load_file(str(p / "embeddings.safetensors"))
+        save_file({k: v for k, v in t.items() if not k.startswith("tables/user")}, str(p / "embeddings.safetensors"))
+        m = json.loads((p / "manifest.json").read_text())
+        m["files"].pop("embeddings.safetensors")
+        (p / "manifest.json").write_text(json.dumps(m))
+
+    def newer(p):
+        m = json.loads((p / "manifest.json").read_text())
+        m["format_version"] += 1
+        (p / "manifest.json").write_text(json.dumps(m))
+
+    def newer_release(p):
+        m = json.loads((p / "manifest.json").read_text())
+        m["embtables_version"] = "99.0.0"
+        (p / "manifest.json").write_text(json.dumps(m))
+
+    cases = [("flip", flip, "sha256"), ("drop", drop, r"tensor 'tables/user/full/weight' is missing"),
+             ("newer", newer, "newer than this embtables"), ("release", newer_release, "embtables 99.0.0"),
+             ("nomanifest", lambda p: (p / "manifest.json").unlink(), "never finished"),
+             ("vocab", lambda p: (p / "vocab" / "user.parquet").write_bytes(b"x"), r"vocab/user\.parquet.*sha256"),
+             ("json", lambda p: (p / "manifest.json").write_text("{"), "unreadable manifest")]
+    for name, edit, message in cases:
+        with pytest.raises(ExportError, match=message):
+            embtables.load(broken(name, edit))
+    # Unverified loads still catch a changed tensor shape or a missing file.
+    with pytest.raises(ExportError, match="missing"):
+        embtables.load(broken("nodense", lambda p: (p / "dense.safetensors").unlink()), verify=False)
+
+
+def test_failed_export_leaves_nothing_and_keeps_the_old_one(tmp_path, full_run, monkeypatch):
+    out = export_run(full_run[0], tmp_path / "exp")
+    before = (out / "manifest.json").read_text()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_mod, "save_file", boom)
+    with pytest.raises(OSError):
+        export_run(full_run[0], tmp_path / "exp", quantize="int8")
+    with pytest.raises(OSError):
+        export_run(full_run[0], tmp_path / "fresh")
+    assert (out / "manifest.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not an export"):
+        export_run(full_run[0], tmp_path / "busy")
+
+
+def test_cli_export_and_predict(tmp_path, full_run, data, capsys):
+    tmp, _ = data
+    exp, pred, met = tmp_path / "e", tmp_path / "p.parquet", tmp_path / "m.json"
+    assert cli_main(["export", str(full_run[0]), "--out", str(exp), "--quantize", "int4"]) == 0
+    assert cli_main(["predict", str(exp), str(tmp / "valid.parquet"), "--out", str(pred),
+                     "--metrics", str(met), "--quiet", "--batch-size", "100"]) == 0
+    metrics = json.loads(met.read_text())
+    assert metrics["rows"] == 800 and pq.read_table(pred).num_rows == 800 and metrics["rows_per_sec"] > 0
+    assert cli_main(["predict", str(tmp_path / "nope"), str(tmp / "valid.parquet"), "--out", str(pred)]) == 2
+    assert "no such export" in capsys.readouterr().err
