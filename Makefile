@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-slow clean
 
 install: $(STAMP)
 
@@ -24,8 +24,12 @@ demo: install
 	$(VENV)/bin/embtables train configs/demo.yaml --out runs/demo
 	@$(PY) -c "import json; m = json.load(open('runs/demo/metrics.json')); print(f\"demo AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  {m['samples_per_sec']:.0f} samples/s\")"
 
+# The fast suite (< 10 min with set-up on 2 cores); the Ray job tests are `make test-slow`.
 test: install
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+
+test-slow: install
+	$(VENV)/bin/python -m pytest -q -m slow tests
 
 clean:
 	rm -rf $(VENV) runs data/prepared build *.egg-info

@@ -13,9 +13,11 @@ from setuptools import Extension, setup
 # EMBTABLES_CPU_ARCH (e.g. x86-64-v2) for a build that must run on other CPUs.
 cpu_fused = Extension(
     "embtables.kernels._cpu_fused",
-    sources=["kernels/csrc/cpu_fused.cpp"],
-    extra_compile_args=["-O3", "-fopenmp", "-std=c++17", f"-march={os.environ.get('EMBTABLES_CPU_ARCH', 'native')}"],
-    extra_link_args=["-fopenmp"],
+    sources=["kernels/csrc/cpu_fused.cpp", "kernels/csrc/interaction.cpp"],
+    depends=["kernels/csrc/parallel.h"],
+    extra_compile_args=["-O3", "-fopenmp-simd", "-pthread", "-std=c++17",
+                        f"-march={os.environ.get('EMBTABLES_CPU_ARCH', 'native')}"],
+    extra_link_args=["-pthread"],
     optional=True,
 )
 

@@ -6,7 +6,7 @@
 #   movielens  ml-latest-small, configs/demo.yaml (DLRM, dim 16, 2 epochs)      ~20 min on 2 cores
 #   synth1m    1M-row synth, criteo26 cardinalities (26 features, 1e5–3e5 ids in the largest),
 #              configs/synth_dlrm.yaml (DLRM, dim 16, 2 epochs, batch 2048)      hours on 2 cores
-#   anchors    the anchors table from whichever sweeps exist
+#   anchors    the anchors table from whichever sweeps exist, and the tradeoff block of RESULTS.md
 # Sweeps resume: re-running a command skips finished cells (and retries failed ones).
 # Env: SWEEP_DIR (default /tmp/embtables-tradeoff), METHODS (comma-separated; default all below).
 set -euo pipefail
@@ -42,7 +42,7 @@ if [[ $WHAT == synth1m || $WHAT == all ]]; then
 fi
 
 if [[ $WHAT == anchors || $WHAT == all || $WHAT == movielens || $WHAT == synth1m ]]; then
-  .venv/bin/python benchmarks/anchors.py --sweep "ml-latest-small=$DIR/sweep-movielens" \
-    --sweep "synth 1M rows=$DIR/sweep-synth1m" --out "$KEEP/anchors.md"
-  echo "→ $KEEP/{movielens,synth1m}/results.md, pareto.png and $KEEP/anchors.md"
+  .venv/bin/python benchmarks/anchors.py --sweep "ml-latest-small=$KEEP/movielens" \
+    --sweep "synth 1M rows, criteo26=$KEEP/synth1m" --out "$KEEP/anchors.md" --section benchmarks/RESULTS.md
+  echo "→ $KEEP/{movielens,synth1m}/results.md, pareto.png, $KEEP/anchors.md and benchmarks/RESULTS.md"
 fi

@@ -9,7 +9,7 @@ import sys
 
 from embtables.errors import EmbtablesError
 
-# Subcommands contributed by other modules: module path → function that registers them.
+# Subcommands that live beside their pipelines: module path → function that registers them.
 PLUGINS = [
     ("embtables.pipelines.data_cli", "add_data_parser"),
     ("embtables.pipelines.compress", "add_compress_parser"),
@@ -77,13 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     for module, register in PLUGINS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue  # that part of the product is not installed in this build
-        getattr(mod, register)(sub)
+        getattr(importlib.import_module(module), register)(sub)
     return parser
 
 

@@ -156,6 +156,12 @@ def _trained_model(cfg: dict, ckpt: Path):
     return model, inputs, tables
 
 
+def table_precision(rows: int, dim: int, requested: str, binary_bits: int = 1) -> str:
+    """`requested`, unless it would not make the table smaller (scales can outweigh the saving
+    on 1–2-dim tables with many binary bits): then fp32."""
+    return requested if expected_bytes(rows, dim, requested, binary_bits) < rows * dim * 4 else "none"
+
+
 def _embedding_tensors(emb, tables: dict, quantize: str, binary_bits: int, ckpt: Path):
     """(tensors by name, table entries, method entries) of the embedding layer."""
     tensors: dict[str, torch.Tensor] = {}
@@ -168,15 +174,13 @@ def _embedding_tensors(emb, tables: dict, quantize: str, binary_bits: int, ckpt:
             if tuple(weight.shape) != (t.rows, t.dim):
                 raise ExportError(f"{ckpt}: table {t.name!r} is {tuple(weight.shape)}, the model needs "
                                   f"({t.rows}, {t.dim})")
-            # A row's scale (and bias) can outweigh what quantizing saves on very narrow tables
-            # (mixed_dim's 1-dim blocks, rank-1 factors): those stay fp32.
-            precision = quantize if expected_bytes(t.rows, t.dim, quantize, binary_bits) < t.bytes else "none"
+            precision = table_precision(t.rows, t.dim, quantize, binary_bits)
             stored = quantize_table(weight, precision, binary_bits)
             names = {role: f"tables/{t.name}/{role}" for role in stored}
             tensors.update({names[role]: v for role, v in stored.items()})
             table_entries.append({"name": t.name, "rows": t.rows, "dim": t.dim, "precision": precision,
                                   "binary_bits": binary_bits if precision == "binary" else None,
-                                  "rows_per_scale": rows_per_scale(t.dim) if precision in ("int8", "int4") else None,
+                                  "rows_per_scale": rows_per_scale(t.dim) if precision != "none" else None,
                                   "tensors": names, "bytes": stored_bytes(stored)})
     for i, m in enumerate(emb.methods):
         own, entry = m.export()

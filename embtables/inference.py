@@ -82,7 +82,7 @@ def _load_tensors(path: Path, manifest: dict, file: str, verify: bool) -> dict[s
 
 
 def load(path, device: str | torch.device = "cpu", backend: str = "auto", verify: bool = True) -> "InferenceModel":
-    """The inference module of an export. backend: auto (FBGEMM IntNBit for int8/int4 tables
+    """The inference module of an export. backend: auto (FBGEMM IntNBit for fp32/int8/int4 tables
     where it imports) | fbgemm | torch. verify: check every tensor's and file's sha256."""
     from embtables.methods import method_class
     from embtables.models import build_network
@@ -134,10 +134,11 @@ class InferenceModel(nn.Module):
         self._output_order = [self._method_order.index(n) for n in self.features]
         self._keys = [key for e in manifest["methods"] for key, _ in e["lookups"]]
         self._vocab: dict[str, object] = {}
+        self.register_buffer("_where", torch.zeros(0), persistent=False)  # follows .to(device)
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.network.parameters())).device
+        return self._where.device
 
     def embed(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """[B, F, d] in feature order: each method's remap → the lookup → each method's combine."""

@@ -6,10 +6,11 @@
   (exact in fp16), so x̂ = q·scale + bias as for int4. An explicit fp16 bias would cost 2
   more bytes a row: at dim 16, 20 bytes instead of 18 (31% of fp32 instead of 28%), for no
   measurable accuracy at 8 bits.
-- Narrow tables (dim < 16: mixed_dim blocks, low-rank factors) share one scale (and bias)
-  among ⌈16/dim⌉ consecutive rows, so a scale always covers ≥ 16 values and its cost stays
-  ≤ 2 bytes per 16 codes whatever the dim; ids are in frequency order, so neighbouring rows
-  have similar ranges. Tables of dim ≥ 16 are purely row-wise, FBGEMM's own format.
+- Narrow tables (dim < 16: mixed_dim blocks, low-rank factors) share one scale (and bias;
+  for binary, one α per level) among ⌈16/dim⌉ consecutive rows, so a scale always covers
+  ≥ 16 values and its cost stays ≤ 2 bytes per 16 codes whatever the dim; ids are in
+  frequency order, so neighbouring rows have similar ranges. Tables of dim ≥ 16 are purely
+  row-wise, FBGEMM's own format.
   Codes pack little-end first (element 2j in the low nibble of byte j), FBGEMM's layout; for
   FBGEMM the implied bias and shared scales are materialised per row at load time, so one
   set of bytes serves FBGEMM's IntNBit TBE and the torch path, with identical results.
@@ -27,11 +28,11 @@ import torch
 
 PRECISIONS = ("none", "int8", "int4", "binary")
 FP16_MAX = 65504.0
-VALUES_PER_SCALE = 16  # int8/int4: the fewest values one scale (and bias) covers
+VALUES_PER_SCALE = 16  # the fewest values one scale (and bias) covers
 
 
 def rows_per_scale(dim: int) -> int:
-    """Rows that share one int8/int4 scale: 1 from dim 16 up, ⌈16/dim⌉ below."""
+    """Rows that share one scale: 1 from dim 16 up, ⌈16/dim⌉ below."""
     return -(-VALUES_PER_SCALE // dim)
 
 
@@ -123,13 +124,15 @@ def rowwise_bias(q: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
 def dequantize_rowwise(q: dict[str, torch.Tensor], bits: int, dim: int, rows: torch.Tensor | None = None,
                        group: int = 1) -> torch.Tensor:
     """x̂ = code·scale + bias as fp32, for every row or only `rows` (gathered before unpacking)."""
-    codes, scale, bias = q["codes"], q["scale"], rowwise_bias(q, bits)
+    codes = q["codes"]
     if rows is None:
         rows = torch.arange(codes.shape[0], device=codes.device)
     else:
         codes = codes[rows]
     g = rows // group
-    return unpack_codes(codes, bits, dim).float() * scale[g].float()[:, None] + bias[g].float()[:, None]
+    scale = q["scale"][g]
+    bias = q["bias"][g] if "bias" in q else implied_bias(scale, bits)  # only the gathered rows' biases
+    return unpack_codes(codes, bits, dim).float() * scale.float()[:, None] + bias.float()[:, None]
 
 
 def per_row_scale_bias(q: dict[str, torch.Tensor], bits: int, rows: int, group: int):
@@ -139,25 +142,33 @@ def per_row_scale_bias(q: dict[str, torch.Tensor], bits: int, rows: int, group: 
 
 # ---------------------------------------------------------------- binary
 
-def binarize(weight: torch.Tensor, levels: int = 1) -> dict[str, torch.Tensor]:
-    """fp32 [rows, dim] → {"signs": [rows, levels, ⌈dim/8⌉] uint8 (1 = +1), "scale": [rows, levels]}."""
+def binarize(weight: torch.Tensor, levels: int = 1, group: int = 1) -> dict[str, torch.Tensor]:
+    """fp32 [rows, dim] → {"signs": [rows, levels, ⌈dim/8⌉] uint8 (1 = +1), "scale": [⌈rows/group⌉, levels]}."""
     residual = weight.detach().float().clone()
+    rows, dim = residual.shape
+    g = torch.arange(rows) // group
+    count = torch.bincount(g).float() * dim
     signs, scales = [], []
     for _ in range(levels):
         b = residual >= 0
-        alpha = residual.abs().mean(dim=1)
+        # α = mean |r| over the values that share it: the L2-optimal scale of a sign vector.
+        alpha = torch.zeros(len(count)).index_add_(0, g, residual.abs().sum(dim=1)) / count
         signs.append(pack_codes(b, 1))
         scales.append(alpha)
-        residual -= alpha[:, None] * (b.float() * 2 - 1)
+        residual -= alpha[g, None] * (b.float() * 2 - 1)
     scale = torch.stack(scales, 1)
     return {"signs": torch.stack(signs, 1), "scale": scale.to(_scale_dtype(scale))}
 
 
-def debinarize(q: dict[str, torch.Tensor], dim: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+def debinarize(q: dict[str, torch.Tensor], dim: int, rows: torch.Tensor | None = None,
+               group: int = 1) -> torch.Tensor:
     """x̂ = Σ_levels scale·(2·bit − 1) as fp32, for every row or only `rows`."""
     signs, scale = q["signs"], q["scale"]
-    if rows is not None:
-        signs, scale = signs[rows], scale[rows]
+    if rows is None:
+        rows = torch.arange(signs.shape[0], device=signs.device)
+    else:
+        signs = signs[rows]
+    scale = scale[rows // group]
     n, levels, nbytes = signs.shape
     plus_minus = byte_table(1, signs.device).float() * 2 - 1  # [256, 8]: ±1 for each bit of a byte
     pm = plus_minus[signs.long()].reshape(n, levels, nbytes * 8)[:, :, :dim]
@@ -171,9 +182,9 @@ def quantize_table(weight: torch.Tensor, precision: str, binary_bits: int = 1) -
     check_precision(precision, binary_bits)
     if precision == "none":
         return {"weight": weight.detach().float().contiguous()}
-    if precision == "binary":
-        return binarize(weight, binary_bits)
     group = rows_per_scale(weight.shape[1])
+    if precision == "binary":
+        return binarize(weight, binary_bits, group)
     if precision == "int8":
         return quantize_rowwise(weight, 8, symmetric=True, group=group)
     return quantize_rowwise(weight, 4, group=group)
@@ -185,7 +196,7 @@ def dequantize_table(q: dict[str, torch.Tensor], precision: str, dim: int,
     if precision == "none":
         return q["weight"] if rows is None else q["weight"][rows]
     if precision == "binary":
-        return debinarize(q, dim, rows)
+        return debinarize(q, dim, rows, rows_per_scale(dim))
     return dequantize_rowwise(q, 8 if precision == "int8" else 4, dim, rows, rows_per_scale(dim))
 
 
@@ -198,9 +209,9 @@ def expected_bytes(rows: int, dim: int, precision: str, binary_bits: int = 1, sc
     """What quantize_table stores for a rows × dim table (fp16 scales unless told otherwise)."""
     if precision == "none":
         return rows * dim * 4
-    if precision == "binary":
-        return rows * binary_bits * (-(-dim // 8) + scale_bytes)
     scales = -(-rows // rows_per_scale(dim))
+    if precision == "binary":
+        return binary_bits * (rows * -(-dim // 8) + scales * scale_bytes)
     if precision == "int8":  # symmetric: the scale only
         return rows * dim + scales * scale_bytes
     return rows * -(-dim // 2) + scales * 2 * scale_bytes

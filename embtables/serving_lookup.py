@@ -1,10 +1,10 @@
 """The pooled lookup of an export: fp32 or quantized tables, FBGEMM IntNBit or torch.
 
 Inputs have the TBE layout of the training lookup (values, offsets over K keys × B bags,
-key-major), but several keys may read one table (multiplexed methods). int8/int4 tables go
-to one FBGEMM `IntNBitTableBatchedEmbeddingBagsCodegen` call where fbgemm_gpu imports; every
-other table (fp32, binary, fp32-scaled or odd-dim int4, or no FBGEMM) to the torch path,
-which gathers the looked-up rows, dequantizes only those, and sums each bag.
+key-major), but several keys may read one table (multiplexed methods). fp32, int8 and int4
+tables go to one FBGEMM `IntNBitTableBatchedEmbeddingBagsCodegen` call where fbgemm_gpu
+imports; every other table (binary, fp32-scaled or odd-dim int4, or no FBGEMM) to the torch
+path, which gathers the looked-up rows, dequantizes only those, and sums each bag.
 """
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ def fbgemm_nbit_available() -> bool:
 
 
 def fbgemm_fits(table: dict, stored: dict[str, torch.Tensor]) -> bool:
-    """IntNBit holds row-wise int8/int4 with fp16 scale and bias; int4 rows need an even dim."""
+    """IntNBit holds fp32 tables and row-wise int8/int4 with fp16 scale and bias; int4 rows need
+    an even dim. (Binary codes have no FBGEMM format.)"""
+    if table["precision"] == "none":
+        return True
     if table["precision"] not in ("int8", "int4") or stored["scale"].dtype != torch.float16:
         return False
     return table["precision"] == "int8" or table["dim"] % 2 == 0
@@ -59,6 +62,7 @@ class ServingLookup(nn.Module):
         self.key_table = [index[table] for _, table in lookups]
         self.key_dims = [self.tables[t]["dim"] for t in self.key_table]
         use_fbgemm = backend != "torch" and fbgemm_nbit_available()
+        # fp32 tables take the TBE too (one fused call instead of one embedding_bag per key).
         self.kinds = ["fbgemm" if use_fbgemm and fbgemm_fits(t, s) else "torch" for t, s in zip(tables, stored)]
         self.fbgemm_keys = [k for k, t in enumerate(self.key_table) if self.kinds[t] == "fbgemm"]
         self.tbe = self._build_tbe(stored, device) if self.fbgemm_keys else None
@@ -77,7 +81,7 @@ class ServingLookup(nn.Module):
 
         group = [i for i, kind in enumerate(self.kinds) if kind == "fbgemm"]
         location = EmbeddingLocation.DEVICE if device.type == "cuda" else EmbeddingLocation.HOST
-        types = {"int8": SparseType.INT8, "int4": SparseType.INT4}
+        types = {"none": SparseType.FP32, "int8": SparseType.INT8, "int4": SparseType.INT4}
         specs = [(self.tables[i]["name"], self.tables[i]["rows"], self.tables[i]["dim"],
                   types[self.tables[i]["precision"]], location) for i in group]
         tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
@@ -88,6 +92,9 @@ class ServingLookup(nn.Module):
         for i in group:
             s = stored[i]
             rows = self.tables[i]["rows"]
+            if self.tables[i]["precision"] == "none":  # fp32 rows as raw bytes, no scale/bias
+                weights.append((s["weight"].contiguous().view(torch.uint8).to(device), None))
+                continue
             # IntNBit rows start with [fp16 scale, fp16 bias], then the packed codes.
             bits = 8 if self.tables[i]["precision"] == "int8" else 4
             scale, bias = per_row_scale_bias(s, bits, rows, rows_per_scale(self.tables[i]["dim"]))

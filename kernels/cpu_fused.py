@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib
+import sys
 
 import torch
 from torch import nn
@@ -48,6 +49,32 @@ GRAIN = 32768  # floats of work per thread below which a parallel region costs m
 def threads_for(work: int) -> int:
     """Threads for `work` floats moved: one for small calls (as ATen's grain size), else all."""
     return max(1, min(torch.get_num_threads(), work // GRAIN))
+
+
+_HUGE = 2 << 20  # 2 MB: an x86-64 transparent huge page
+_MADV_HUGEPAGE = 14
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    except OSError:
+        return None
+
+
+def hugepage_empty(rows: int, dim: int) -> torch.Tensor:
+    """An uninitialised [rows, dim] float tensor the kernel may back with 2 MB pages (Linux THP
+    in madvise mode). Random row reads over a large table otherwise miss the TLB on nearly
+    every access; asked for before the first touch, so the pages are huge from the start."""
+    numel = rows * dim
+    if numel * 4 < 2 * _HUGE or _libc() is None:
+        return torch.empty(rows, dim)
+    raw = torch.empty(numel + _HUGE // 4)
+    start = (raw.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
+    _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(numel * 4 // _HUGE * _HUGE), _MADV_HUGEPAGE)
+    offset = (start - raw.data_ptr()) // 4
+    return raw[offset:offset + numel].view(rows, dim)  # failure to madvise only costs speed
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -94,7 +121,7 @@ class CpuFusedLookup(nn.Module):
         self.tables = list(tables)
         self.optimizer = optimizer or RowwiseAdagrad()
         for i, w in enumerate(initial_weights(self.tables, initial)):
-            self.register_buffer(f"weight_{i}", w.detach().clone().float().contiguous())
+            self.register_buffer(f"weight_{i}", hugepage_empty(*w.shape).copy_(w.detach()))
             self.register_buffer(f"momentum_{i}", torch.zeros(self.tables[i].rows))
         self.feature_tables = list(range(len(self.tables))) if feature_tables is None else list(feature_tables)
         if any(not 0 <= t < len(self.tables) for t in self.feature_tables):

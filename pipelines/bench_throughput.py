@@ -147,23 +147,28 @@ def run_paired(args, dataset: Path, precision: str) -> dict:
         trec_batches = itertools.cycle(torchrec_batches(dataset, args.batch, 16, args.seed))
         steps = {"ours": lambda: ours(), "torchrec": lambda: torchrec_step(dmp, optimizer, next(trec_batches))}
         times: dict[str, list[float]] = {name: [] for name in steps}
+        cpu: dict[str, list[float]] = {name: [] for name in steps}  # process CPU time, all threads
         for name, fn in steps.items():  # warm-up: first-step allocations, oneDNN primitives
             for _ in range(3):
                 fn()
         for _ in range(args.paired_rounds):
             for name, fn in steps.items():
                 for _ in range(args.paired_block):
-                    tick = time.perf_counter()
+                    tick, cpu_tick = time.perf_counter(), time.process_time()
                     fn()
                     times[name].append(time.perf_counter() - tick)
+                    cpu[name].append(time.process_time() - cpu_tick)
     prefetcher.close()
     median = {name: statistics.median(t) for name, t in times.items()}
     out = {f"{name}_step_ms": 1e3 * m for name, m in median.items()}
     out.update({f"{name}_samples_per_sec": args.batch / m for name, m in median.items()})
+    out.update({f"{name}_cpu_ms_per_step": 1e3 * statistics.median(t) for name, t in cpu.items()})
     out["speedup"] = median["torchrec"] / median["ours"]
+    out["speedup_cpu_time"] = out["torchrec_cpu_ms_per_step"] / out["ours_cpu_ms_per_step"]
     out["steps_each"] = len(times["ours"])
-    print(f"paired ({precision}): ours {out['ours_step_ms']:.1f} ms/step, torchrec {out['torchrec_step_ms']:.1f} "
-          f"ms/step → {out['speedup']:.2f}×", flush=True)
+    print(f"paired ({precision}): ours {out['ours_step_ms']:.1f} ms/step ({out['ours_cpu_ms_per_step']:.1f} ms CPU), "
+          f"torchrec {out['torchrec_step_ms']:.1f} ms/step ({out['torchrec_cpu_ms_per_step']:.1f} ms CPU) "
+          f"→ {out['speedup']:.2f}× wall, {out['speedup_cpu_time']:.2f}× CPU time", flush=True)
     return out
 
 

@@ -51,7 +51,7 @@ def add_export_parsers(subparsers) -> None:
     p.add_argument("--split", default=None, help="split of an encoded dataset (default: valid)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--backend", default="auto", choices=("auto", "fbgemm", "torch"),
-                   help="int8/int4 lookup: FBGEMM IntNBit (auto where it imports) or torch")
+                   help="fp32/int8/int4 lookup: FBGEMM IntNBit (auto: where it imports) or torch")
     p.add_argument("--keep", type=lambda s: [c for c in s.split(",") if c], default=[], metavar="COLS",
                    help="comma-separated input columns to copy into the predictions")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -38,7 +38,6 @@ STAGES = ("supernet", "search", "retrain")
 def run_optembed(cfg: dict, out, resume: bool = False, progress: bool = True) -> dict:
     out = Path(out)
     opts = OptEmbedOptions.from_compression(cfg["embedding"]["compression"])
-    seed = cfg["train"]["seed"] if opts.search_seed is None else opts.search_seed
     inputs = resolve_inputs(cfg)  # bad config or data fails here, before anything is written
     build_methods(inputs.features, _stage_cfg(cfg, opts, "supernet")["embedding"])  # option errors, cheaply
     todo = STAGES if opts.stage == "all" else (opts.stage,)
@@ -64,9 +63,9 @@ def run_optembed(cfg: dict, out, resume: bool = False, progress: bool = True) ->
                 continue
             print(f"optembed: stage {stage}")
             if stage == "supernet":
-                _supernet(cfg, out, inputs, opts, seed, resume, progress)
+                _supernet(cfg, out, inputs, opts, resume, progress)
             elif stage == "search":
-                _search(cfg, out, inputs, opts, seed)
+                _search(cfg, out, inputs, opts)
             else:
                 _retrain(cfg, out, inputs, opts, resume, progress)
     except BaseException:
@@ -88,7 +87,7 @@ def _stage_cfg(cfg: dict, opts: OptEmbedOptions, stage: str, **compression) -> d
     return c
 
 
-def _supernet(cfg, out, inputs, opts, seed, resume, progress) -> dict:
+def _supernet(cfg, out, inputs, opts, resume, progress) -> dict:
     sdir = out / "supernet"
     cfg_s = _stage_cfg(cfg, opts, "supernet")
     torch.manual_seed(cfg["train"]["seed"])
@@ -100,7 +99,7 @@ def _supernet(cfg, out, inputs, opts, seed, resume, progress) -> dict:
         torch.save(model_state(model), tmp)
         os.replace(tmp, sdir / "init.pt")
     metrics = fit(cfg_s, sdir, inputs, model, resume=resuming, progress=progress,
-                  batch_filter=excluding_held_out(opts.holdout, seed))
+                  batch_filter=excluding_held_out(opts.holdout, cfg["train"]["seed"]))
     print(f"optembed supernet: valid AUC {metrics['auc']:.4f}; thresholds "
           + ", ".join(f"{m.feature_names[0]}={m.threshold.item():.3f}" for m in _supernets(model) if m.prunable))
     return metrics
@@ -142,8 +141,12 @@ def truncated_auc(network, labels, dense, emb, dim_mask: torch.Tensor, batch_siz
     return roc_auc(labels.numpy(), torch.cat(probs).numpy())
 
 
-def _search(cfg, out, inputs, opts, seed) -> dict:
-    model, _, _ = load_run(out / "supernet")
+def _search(cfg, out, inputs, opts) -> dict:
+    model, cfg_s, _ = load_run(out / "supernet")
+    # The held-out rows are the ones THIS supernet did not train on, whatever the current config says.
+    holdout = OptEmbedOptions.from_compression(cfg_s["embedding"]["compression"]).holdout
+    holdout_seed = cfg_s["train"]["seed"]
+    seed = cfg["train"]["seed"] if opts.search_seed is None else opts.search_seed
     emb_layer, dim = model.embeddings, cfg["embedding"]["dim"]
     supernets = _supernets(model)
     weights = emb_layer.lookup.lookup_state()
@@ -159,7 +162,7 @@ def _search(cfg, out, inputs, opts, seed) -> dict:
     def cost(dims) -> float:
         return fixed + sum(compact_bytes(n, k, d) for n, k, d in zip(rows, kept, dims))
 
-    labels, dense, emb = held_out_embeddings(model, inputs, opts.holdout, seed, opts.search_rows,
+    labels, dense, emb = held_out_embeddings(model, inputs, holdout, holdout_seed, opts.search_rows,
                                              cfg["train"]["eval_batch_size"])
     print(f"optembed search: {len(labels):,} held-out rows, {len(supernets)} fields, kept rows "
           f"{sum(kept):,}/{sum(rows):,}, budget {budget:,.0f} bytes")

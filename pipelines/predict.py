@@ -145,6 +145,9 @@ def predict(export, data, out, metrics_path=None, batch_size: int = 16384, split
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    clash = sorted(set(keep) & {"row", "prediction", "logit", "label"})
+    if clash:
+        raise ConfigError(f"--keep {','.join(clash)}: the predictions already have columns of that name")
     model = load(export, device=device, backend=backend)
     files, raw = resolve_data(data, split, model)
     encoder = RowEncoder(model, raw)

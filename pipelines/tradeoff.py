@@ -1,9 +1,10 @@
 """`embtables bench tradeoff`: every method × ratio × seed trained on the same data and model.
 
 One cell = one `train(cfg, out)` run in DIR/runs/<method>-r<ratio>-s<seed>/. A cell is finished
-when its metrics.json exists (trained) or its unreachable.json does (the method's solve said the
-ratio is out of its reach); finished cells are never re-run, so a killed sweep resumes where it
-stopped. An unfinished cell dir (killed mid-training) is removed and the cell trained again.
+when its metrics.json exists; finished cells are never re-run, so a killed sweep resumes where it
+stopped. An unfinished cell dir (killed mid-training) is removed and the cell trained again. A
+cell whose method cannot reach its ratio (the solve says so) gets an unreachable.json instead;
+that check is cheap and is repeated on every run, so a method improved since then gets trained.
 `full` always runs once per seed at ratio 1: it is the reference every figure is measured against.
 """
 from __future__ import annotations
@@ -91,10 +92,10 @@ def run_cell(cfg: dict, cell_dir: str | Path) -> dict:
     """Train one cell unless it is finished; returns its metrics (or its unreachable record)."""
     cell_dir = Path(cell_dir)
     done = finished_record(cell_dir)
-    if done is not None:
+    if done is not None and done["status"] == "ok":
         return done
     if cell_dir.exists():
-        shutil.rmtree(cell_dir)  # killed mid-run: its partial state is not worth trusting
+        shutil.rmtree(cell_dir)  # killed mid-run (partial state not worth trusting), or to re-check reach
     reason = unreachable_reason(cfg)
     if reason is not None:
         cell_dir.mkdir(parents=True)
@@ -168,13 +169,14 @@ def run_tradeoff(cfg: dict, out: str | Path, methods: list[str], ratios: list[fl
         done = finished_record(out / "runs" / cell.name)
         if done is not None:
             records[cell] = done
-    todo = [] if report_only else [c for c in cells if c not in records]
-    print(f"tradeoff sweep: {len(cells)} cells, {len(records)} finished, {len(todo)} to run → {out}")
+    todo = [] if report_only else [c for c in cells if records.get(c, {}).get("status") != "ok"]
+    trained = sum(r["status"] == "ok" for r in records.values())
+    print(f"tradeoff sweep: {len(cells)} cells, {trained} trained, {len(todo)} to run or re-check → {out}")
 
     failed: dict[Cell, dict] = {}  # reported, never persisted: the next run retries them
 
     def pairs() -> list[tuple]:
-        return [(c, records.get(c) or failed[c]) for c in cells if c in records or c in failed]
+        return [(c, failed.get(c) or records[c]) for c in cells if c in records or c in failed]
 
     def finish(cell: Cell, record: dict | None, error: BaseException | None) -> None:
         if error is not None:

@@ -272,6 +272,7 @@ def test_padded_tables_train_exactly_like_unpadded_ones(synth, tmp_path):
 
 
 # --- the Ray job --------------------------------------------------------------------------
+@pytest.mark.slow  # whole Ray jobs: minutes on 2 cores; run by `make test-slow` and CI
 def test_sigkill_then_resume_sees_every_row_exactly_epochs_times(synth, tmp_path):
     out = tmp_path / "run"
     proc = launch(synth, out, **{"train.workers": 2, "train.checkpoint_every_steps": 8})
@@ -297,6 +298,7 @@ def test_sigkill_then_resume_sees_every_row_exactly_epochs_times(synth, tmp_path
     assert abs(json.loads(scores.stdout)["auc"] - metrics["auc"]) < 1e-9
 
 
+@pytest.mark.slow  # whole Ray jobs: minutes on 2 cores; run by `make test-slow` and CI
 def test_killed_worker_restarts_from_checkpoint_via_max_failures(synth, tmp_path):
     out = tmp_path / "run"
     method = {"embedding.compression.method": "qr", "embedding.compression.ratio": 4}

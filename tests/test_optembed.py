@@ -8,7 +8,7 @@ from torchrec import KeyedJaggedTensor
 
 from embtables.collection import EmbeddingCollection
 from embtables.config import load_config
-from embtables.errors import EmbtablesError
+from embtables.errors import ConfigError, EmbtablesError
 from embtables.kernels import fbgemm_available
 from embtables.methods.optembed import (BinaryStep, OptEmbed, OptEmbedCompact, OptEmbedOptions, compact_bytes,
                                         load_plan, save_plan)
@@ -142,6 +142,21 @@ def test_pruned_ids_drop_out_of_multi_hot_bags():
     assert torch.equal(out, torch.stack([w[0] + w[1], torch.zeros(4), torch.zeros(4), 2 * w[2]]))
 
 
+def test_options_defaults_and_errors():
+    import inspect
+    from dataclasses import asdict
+
+    sig = inspect.signature(OptEmbed.solve_group).parameters
+    assert {k: sig[k].default for k in asdict(OptEmbedOptions())} == asdict(OptEmbedOptions())
+    assert OptEmbedOptions(alpha="1e-3").alpha == 1e-3  # YAML reads 1e-3 as a string
+    with pytest.raises(ConfigError, match="embedding.compression.holdout"):
+        OptEmbedOptions(holdout=1.5)
+    with pytest.raises(ConfigError, match="embedding.compression.stage"):
+        OptEmbedOptions(stage="serach")
+    with pytest.raises(ConfigError, match="single-process"):
+        OptEmbed.solve_group([FeatureSpec("a", 5)], 8, stage="all")
+
+
 def test_plan_round_trip_and_errors(tmp_path):
     keep = np.random.default_rng(0).random(1001) < 0.3
     save_plan(tmp_path / "plan.npz", {"a": (keep, 5), "b": (np.ones(3, bool), 16)})
@@ -228,6 +243,9 @@ def test_three_stages_end_to_end(tmp_path, synth):
     assert m["method"] == "optembed" and m["compression_ratio"] >= 3
     assert set(oe["stage_auc"]) >= {"supernet", "search_held_out", "retrain"}
     assert all(0 < f["dim"] <= 8 and f["kept_rows"] <= f["rows"] for f in oe["fields"].values())
+    # The supernet never saw the held-out rows the search scored; the retrain saw every row.
+    train_rows = json.loads((synth / "stats.json").read_text())["splits"]["train"]["rows"]
+    assert oe["supernet_train_rows_seen"] + oe["held_out_rows"] == train_rows == m["train_rows_seen"]
     plan = load_plan(tmp_path / "run" / "search" / "plan.npz")
     assert {n: f["dim"] for n, f in oe["fields"].items()} == {n: d for n, (_, d) in plan.items()}
     # The compact model is what the run dir rebuilds (eval/export), and it was rewound to the supernet's init.
@@ -237,6 +255,13 @@ def test_three_stages_end_to_end(tmp_path, synth):
     model, _, inputs = load_run(tmp_path / "run")
     assert evaluate(model, inputs.dataset, "valid", inputs.dense_index, 4096)["auc"] == pytest.approx(m["auc"])
     assert train(cfg(), tmp_path / "run", resume=True, progress=False)["auc"] == m["auc"]  # all done: nothing redone
+    # Export → serve: the compact tables and remaps rebuild and score the same.
+    from embtables.export import export_run
+    from embtables.pipelines.predict import predict
+
+    export_run(tmp_path / "run", tmp_path / "export")
+    served = predict(tmp_path / "export", synth, tmp_path / "pred.parquet", progress=False)
+    assert served["auc"] == pytest.approx(m["auc"], abs=1e-6)
     # Stage by stage into another dir: the same plan (the search is deterministic).
     for stage in ("supernet", "search"):
         train(cfg(f"embedding.compression.stage={stage}"), tmp_path / "staged", progress=False)

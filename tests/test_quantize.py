@@ -85,11 +85,21 @@ def test_large_values_keep_fp32_scales():
 
 
 def test_binary_sign_and_mean_abs_scale():
-    w = table(dim=10)
+    w = table(dim=20)
     q = binarize(w, 1)
-    assert q["signs"].shape == (50, 1, 2) and q["scale"].shape == (50, 1)
+    assert q["signs"].shape == (50, 1, 3) and q["scale"].shape == (50, 1)
     expected = torch.where(w >= 0, 1.0, -1.0) * w.abs().mean(1, keepdim=True)
-    assert torch.allclose(debinarize(q, 10), expected, atol=1e-3 * expected.abs().max())
+    assert torch.allclose(debinarize(q, 20), expected, atol=1e-3 * expected.abs().max())
+
+
+def test_binary_narrow_tables_share_alpha():
+    w = table(rows=10, dim=4)  # ⌈16/4⌉ = 4 rows an α: groups of rows 0-3, 4-7, 8-9
+    q = quantize_table(w, "binary")
+    assert q["scale"].shape == (3, 1)
+    alphas = torch.stack([w[a:b].abs().mean() for a, b in ((0, 4), (4, 8), (8, 10))])
+    assert torch.allclose(q["scale"].float().squeeze(1), alphas, rtol=1e-3)
+    expected = torch.where(w >= 0, 1.0, -1.0) * alphas.repeat_interleave(4)[:10, None]
+    assert torch.allclose(dequantize_table(q, "binary", 4), expected, rtol=1e-3)
 
 
 def test_binary_residual_levels_reduce_error():
@@ -153,7 +163,7 @@ def test_serving_lookup_matches_reference(precision, weighted):
 
 
 @pytest.mark.skipif(not fbgemm_nbit_available(), reason="fbgemm_gpu does not import")
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision", ["none", "int8", "int4"])
 def test_fbgemm_and_torch_paths_agree(precision):
     specs = [("a", 300, 16), ("b", 20, 4), ("c", 70, 6)]
     tables = [{"name": n, "rows": r, "dim": d, "precision": precision} for n, r, d in specs]

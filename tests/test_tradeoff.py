@@ -55,7 +55,7 @@ def read_rows(out):
         return list(csv.DictReader(f))
 
 
-def test_tiny_sweep_writes_csv_table_and_plot(tmp_path, config_file, synth, unreach):
+def test_tiny_sweep_writes_csv_table_and_plot(tmp_path, config_file, synth, unreach, monkeypatch):
     out = tmp_path / "sweep"
     run_tradeoff(load_config(config_file), out, methods=["hash", "unreach"], ratios=[10], seeds=2)
 
@@ -89,6 +89,12 @@ def test_tiny_sweep_writes_csv_table_and_plot(tmp_path, config_file, synth, unre
     assert "planted model's valid AUC" in table
     png = (out / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    # Reach is re-checked on every run: once the method can meet the ratio, its cells get trained.
+    monkeypatch.setitem(REGISTRY, "unreach", "embtables.methods.full:Full")
+    run_tradeoff(load_config(config_file), out, methods=["hash", "unreach"], ratios=[10], seeds=2)
+    assert {r["status"] for r in read_rows(out)} == {"ok"}
+    assert not (out / "runs" / "unreach-r10-s0" / "unreachable.json").exists()
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_cells(tmp_path, config_file, monkeypatch):

@@ -88,7 +88,10 @@ def _common_ratio(attempt, features, ratio, full, budget) -> list[Method]:
     """The least common ratio r ≥ ratio at which every feature's fit together meets the budget."""
     smallest, floor_bytes = attempt(math.inf)
     if floor_bytes > budget:
-        names = ", ".join(f"{f.name!r} ({f.rows} rows)" for f in features)
+        shown = sorted(features, key=lambda f: -f.rows)[:4]
+        names = ", ".join(f"{f.name!r} ({f.rows} rows)" for f in shown)
+        if len(features) > len(shown):
+            names = f"{len(features)} features ({names}, …)"
         raise ConfigError(f"compression ratio {ratio:g} is out of reach for method {smallest[0].name!r} on "
                           f"{names}: its smallest form takes {floor_bytes} bytes > budget {budget:.0f} "
                           f"(the most it can reach here is {full / floor_bytes:.4g}×); lower the ratio "

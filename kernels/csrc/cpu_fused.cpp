@@ -6,15 +6,17 @@
 // Several features may read one table (multiplexing); the backward merges their gradients.
 //
 // Plain C ABI over raw pointers (called through ctypes), so building needs no torch headers.
-// The tiny Python module init at the bottom only makes the .so importable by name.
+// The tiny Python module init at the bottom only makes the .so importable by name. Threads:
+// run_items (parallel.h); `#pragma omp simd` only asks for vectorised loops (-fopenmp-simd).
 #include <Python.h>
-#include <omp.h>
 
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
 #include <vector>
+
+#include "parallel.h"
 
 namespace {
 
@@ -124,48 +126,6 @@ inline int64_t part_of(int64_t row, int64_t parts) {
     return parts == 1 ? 0 : static_cast<int64_t>(((static_cast<uint64_t>(row) * 0xBF58476D1CE4E5B9ull) >> 40) % parts);
 }
 
-// Backward of DLRM's pairwise-dot interaction (forward: torch's bmm, already efficient):
-//   grad_V[b, i] = Σ_j S[i, j] · V[b, j],  S = the symmetric matrix of the pair gradients
-// (pairs i < j in row-major triu order, zero diagonal). Four rows at a time so each loaded V
-// row feeds four independent accumulators; D is a compile-time width where it can be.
-template <int D>
-void dots_backward_sample(int64_t n, int64_t dim, const float* v, const float* sym, float* gv) {
-    const int64_t d = D > 0 ? D : dim;
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        float a0[D > 0 ? D : 1024], a1[D > 0 ? D : 1024], a2[D > 0 ? D : 1024], a3[D > 0 ? D : 1024];
-        for (int64_t k = 0; k < d; ++k) a0[k] = a1[k] = a2[k] = a3[k] = 0.0f;
-        for (int64_t j = 0; j < n; ++j) {
-            const float* vj = v + j * d;
-            const float s0 = sym[i * n + j], s1 = sym[(i + 1) * n + j], s2 = sym[(i + 2) * n + j],
-                        s3 = sym[(i + 3) * n + j];
-#pragma omp simd
-            for (int64_t k = 0; k < d; ++k) {
-                a0[k] += s0 * vj[k];
-                a1[k] += s1 * vj[k];
-                a2[k] += s2 * vj[k];
-                a3[k] += s3 * vj[k];
-            }
-        }
-        for (int64_t k = 0; k < d; ++k) {
-            gv[i * d + k] = a0[k];
-            gv[(i + 1) * d + k] = a1[k];
-            gv[(i + 2) * d + k] = a2[k];
-            gv[(i + 3) * d + k] = a3[k];
-        }
-    }
-    for (; i < n; ++i) {
-        float* gi = gv + i * d;
-        for (int64_t k = 0; k < d; ++k) gi[k] = 0.0f;
-        for (int64_t j = 0; j < n; ++j) {
-            const float s = sym[i * n + j];
-            const float* vj = v + j * d;
-#pragma omp simd
-            for (int64_t k = 0; k < d; ++k) gi[k] += s * vj[k];
-        }
-    }
-}
-
 }  // namespace
 
 extern "C" {
@@ -183,15 +143,14 @@ int64_t embtables_pooled_forward(int64_t n_features, int64_t batch, const int64_
     const int64_t chunks = (batch + chunk - 1) / chunk;
     const int64_t items = n_features * chunks;
     int64_t bad = -1;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
-    for (int64_t it = 0; it < items; ++it) {
+    embtables::run_items(items, n_threads, [&](int64_t it) {
         const int64_t f = it / chunks, c = it % chunks;
         const int64_t t = feature_table[f];
         const int64_t dim = tables.dims[t];
         const int64_t b0 = c * chunk, b1 = (b0 + chunk < batch) ? b0 + chunk : batch;
         pool_for(dim)(indices, offsets + f * batch, psw, tables.weight(t), tables.rows[t], dim, b0, b1,
                       out + out_cols[f], out_stride, &bad);
-    }
+    });
     return bad;
 }
 
@@ -210,14 +169,13 @@ void embtables_backward_adagrad(int64_t n_features, int64_t batch, const int64_t
     int64_t parts = 1;
     while (n_tables * parts < 2 * n_threads && parts < 64) parts *= 2;
     const int64_t items = n_tables * parts;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
-    for (int64_t it = 0; it < items; ++it) {
+    embtables::run_items(items, n_threads, [&](int64_t it) {
         const int64_t t = it / parts, part = it % parts;
         const int64_t dim = tables.dims[t];
         int64_t positions = 0;
         for (int64_t f = 0; f < n_features; ++f)
             if (feature_table[f] == t) positions += offsets[(f + 1) * batch] - offsets[f * batch];
-        if (positions == 0) continue;
+        if (positions == 0) return;
         RowSlots map(parts == 1 ? positions : positions / parts + 16);
         std::vector<float> acc;
         acc.reserve(static_cast<size_t>(map.rows.capacity()) * dim);
@@ -260,32 +218,7 @@ void embtables_backward_adagrad(int64_t n_features, int64_t batch, const int64_t
 #pragma omp simd
             for (int64_t k = 0; k < dim; ++k) w[k] -= step * a[k];
         }
-    }
-}
-
-// grad_V of the pairwise-dot interaction (see dots_backward_sample). Returns 0, or -1 when
-// dim is too wide for the generic path (the caller uses torch then).
-int embtables_pairwise_dots_backward(int64_t batch, int64_t n, int64_t dim, const float* vectors,
-                                     const float* grad, float* grad_vectors, int n_threads) {
-    if (dim > 1024) return -1;
-    const int64_t pairs = n * (n - 1) / 2;
-    auto sample = dim == 16 ? dots_backward_sample<16> : dim == 32 ? dots_backward_sample<32>
-                : dim == 64 ? dots_backward_sample<64> : dim == 8 ? dots_backward_sample<8>
-                : dots_backward_sample<0>;
-#pragma omp parallel num_threads(n_threads)
-    {
-        std::vector<float> sym(n * n);
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < batch; ++b) {
-            const float* g = grad + b * pairs;
-            for (int64_t i = 0; i < n; ++i) {
-                sym[i * n + i] = 0.0f;
-                for (int64_t j = i + 1; j < n; ++j) sym[i * n + j] = sym[j * n + i] = *g++;
-            }
-            sample(n, dim, vectors + b * n * dim, sym.data(), grad_vectors + b * n * dim);
-        }
-    }
-    return 0;
+    });
 }
 
 }  // extern "C"
