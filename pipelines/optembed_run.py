@@ -19,7 +19,6 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from embtables.errors import EmbtablesError

@@ -261,7 +261,7 @@ def test_three_stages_end_to_end(tmp_path, synth):
 
     export_run(tmp_path / "run", tmp_path / "export")
     served = predict(tmp_path / "export", synth, tmp_path / "pred.parquet", progress=False)
-    assert served["auc"] == pytest.approx(m["auc"], abs=1e-6)
+    assert served["auc"] == pytest.approx(m["auc"], abs=1e-4)  # the export contract: AUC to 1e-4
     # Stage by stage into another dir: the same plan (the search is deterministic).
     for stage in ("supernet", "search"):
         train(cfg(f"embedding.compression.stage={stage}"), tmp_path / "staged", progress=False)
