@@ -1,10 +1,10 @@
 """Fast CPU backend: one multi-threaded C++ call for the pooled forward of every table, one for
 the backward with duplicate rows merged and row-wise Adagrad applied in place.
 
-The kernels (kernels/csrc/cpu_fused.cpp) are built by setup.py as `embtables.kernels._cpu_fused`
-(`pip install -e .`, or `python setup.py build_ext --inplace`) and called through ctypes, so
-they need no torch headers. When the library is missing, `cpu_fused_available()` is False and
-FusedLookup falls back to the torch reference.
+The kernels (kernels/csrc/: cpu_fused.cpp, interaction.cpp, parallel.h) are built by setup.py
+as `embtables.kernels._cpu_fused` (`pip install -e .`, or `python setup.py build_ext --inplace`)
+and called through ctypes, so they need no torch headers. When the library is missing,
+`cpu_fused_available()` is False and FusedLookup falls back to the torch reference.
 """
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ class CpuFusedLookup(nn.Module):
 
     def pooled(self, indices, offsets, psw) -> torch.Tensor:
         indices, offsets, psw, batch = self._inputs(indices, offsets, psw)
-        out = torch.empty(batch, self.out_dim)
+        out = hugepage_empty(batch, self.out_dim)  # large outputs: far fewer page faults on first write
         weights = self.table_weights()
         ptrs = self._addresses(weights)
         bad = _library().embtables_pooled_forward(

@@ -4,8 +4,16 @@ Outputs, then several training steps: weights and row-wise Adagrad state of ever
 duplicates, empty bags, multi-hot bags and per-sample weights. Tiny shapes: the interpreter is slow.
 """
 import os
+import subprocess
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined: run them on CPU
+# The interpreter needs TRITON_INTERPRET=1 before triton is first imported (triton's own
+# helpers such as tl.sum are made interpreted or compiled at import). Alone, this file sets
+# it; in a session where triton is already loaded (torch/torchrec import it), the tests rerun
+# in a fresh process.
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -13,6 +21,14 @@ import torch.nn.functional as F  # noqa: E402
 from torchrec import KeyedJaggedTensor  # noqa: E402
 
 pytest.importorskip("triton")
+in_process = pytest.mark.skipif(not INTERPRETED, reason="runs in a fresh process (test_in_a_fresh_process)")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="already in interpreter mode")
+def test_in_a_fresh_process():
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 
 from embtables.kernels import RowwiseAdagrad  # noqa: E402
 from embtables.kernels.fused import seeded_initial_weights  # noqa: E402
@@ -92,10 +108,12 @@ def _one(kjt, key):
     return KeyedJaggedTensor(keys=[key], values=jt.values(), lengths=jt.lengths(), weights=jt.weights_or_none())
 
 
+@in_process
 def test_interpreter_is_available():
     assert triton_available("cpu")
 
 
+@in_process
 def test_matches_remap_lookup_combine_over_several_steps():
     methods = methods_under_test()
     opt = RowwiseAdagrad(lr=0.1)
@@ -118,6 +136,7 @@ def test_matches_remap_lookup_combine_over_several_steps():
     assert all(float(s.sum()) > 0 for s in ref.states.values())  # every table was trained
 
 
+@in_process
 def test_eval_and_state_round_trip():
     methods = methods_under_test()
     fast = TritonMethodLookup(methods, seed=1).eval()
@@ -131,6 +150,7 @@ def test_eval_and_state_round_trip():
         torch.testing.assert_close(other(kjt), fast(kjt))
 
 
+@in_process
 def test_rejects_methods_without_a_plan():
     class Odd:
         name = "low_rank"
@@ -138,6 +158,7 @@ def test_rejects_methods_without_a_plan():
         TritonMethodLookup([Odd()])
 
 
+@in_process
 def test_collection_backend_triton_matches_the_torch_collection():
     from embtables.collection import EmbeddingCollection
 
