@@ -265,3 +265,9 @@ def test_hash_and_multiplexed_rebuild_from_their_export():
         part = ids if isinstance(m, Multiplexed) else ids.split([1, 1])[0]
         a, b = m.remap(part), again.remap(part)
         assert a.keys() == b.keys() and torch.equal(a.values(), b.values())
+
+
+def test_multiplexed_default_chunks_divide_the_dim():
+    for dim, chunks in ((16, 4), (6, 2), (5, 1)):
+        (m,) = Multiplexed.solve_group(FEATS, dim, ratio=10)
+        assert (m.chunks, m.chunk_dim) == (chunks, dim // chunks)

@@ -10,6 +10,11 @@ features' collision patterns are independent.
 m comes from the budget over all the group's features together (`solve_group`), so the
 shared space is sized by Σ n_f, not by any one feature.
 
+Chunks default to 4 (2 or 1 when 4 does not divide d): more chunks per feature lower the odds
+that two ids share every chunk row. Measured with DLRM: MovieLens 100× AUC 0.729/0.733 (2
+chunks, two seeds) → 0.749/0.748 (4) → 0.751 (8); synth 100× 0.737 either way, synth 10×
+0.724 (2) vs 0.720 (4). One shared table beat 4 sub-tables (0.748 vs 0.736, MovieLens 100×).
+
 No frequency-aware rows: giving the most-looked-up ids private rows (tried with 25–50% of the
 rows) moved AUC by no more than run-to-run noise on MovieLens and synth, so it was left out.
 
@@ -87,14 +92,16 @@ class Multiplexed(Method):
 
     # --- solving ------------------------------------------------------------------------
     @classmethod
-    def solve(cls, feature: FeatureSpec, dim: int, ratio: float, chunks: int = 2, tables: int = 1,
+    def solve(cls, feature: FeatureSpec, dim: int, ratio: float, chunks: int | None = None, tables: int = 1,
               init_std: float = 0.01) -> "Multiplexed":
         return cls.solve_group([feature], dim, ratio, chunks=chunks, tables=tables, init_std=init_std)[0]
 
     @classmethod
-    def solve_group(cls, features: list[FeatureSpec], dim: int, ratio: float, chunks: int = 2,
+    def solve_group(cls, features: list[FeatureSpec], dim: int, ratio: float, chunks: int | None = None,
                     tables: int = 1, init_std: float = 0.01) -> list["Multiplexed"]:
         """One method over all features: S·m rows of dim d/c hold Σ n_f·d / ratio floats."""
+        if chunks is None:
+            chunks = next(c for c in (4, 2, 1) if dim % c == 0)
         if chunks < 1 or dim % chunks:
             raise ConfigError(f"embedding.compression.chunks: {chunks} must divide embedding.dim ({dim})")
         floats = sum(f.rows for f in features) * dim / ratio
