@@ -17,7 +17,7 @@ from embtables.specs import FeatureSpec
 
 needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm_gpu does not import")
 # A table read by several slots needs the collection's lookup keys (Method.lookups).
-needs_shared_tables = pytest.mark.skipif(not hasattr(Method, "lookups"),
+needs_shared_tables = pytest.mark.skipif("lookups" not in vars(Method),
                                          reason="the collection cannot pool one table per slot yet")
 BACKENDS = ["torch", pytest.param("fbgemm", marks=needs_fbgemm)]
 M64 = (1 << 64) - 1
@@ -153,6 +153,7 @@ def test_hash_embedding_bytes_equal_the_built_tensors():
 FEATS = [FeatureSpec("user", 2000), FeatureSpec("item", 1000), FeatureSpec("tags", 50, multi_hot=True)]
 
 
+@needs_shared_tables
 def test_multiplexed_one_table_sized_by_the_group_budget():
     (m,) = Multiplexed.solve_group(FEATS, 16, ratio=10, chunks=2)
     assert [(t.rows, t.dim) for t in m.physical_tables()] == [(3050 * 2 // 10, 8)]
@@ -164,6 +165,7 @@ def test_multiplexed_one_table_sized_by_the_group_budget():
     assert dict(s.lookups())["item/mux0"].endswith("multiplexed0")
 
 
+@needs_shared_tables
 def test_multiplexed_chunks_and_features_hash_to_different_rows():
     (m,) = Multiplexed.solve_group(FEATS, 16, ratio=1, chunks=4)  # m = 12200 rows
     ids = torch.arange(1000)
@@ -231,6 +233,7 @@ def test_multiplexed_backends_agree_next_to_other_methods_over_training_steps():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@needs_shared_tables
 @pytest.mark.parametrize("ratio", [2, 10, 100, 1000])
 def test_multiplexed_budgets(ratio):
     feats = [FeatureSpec("huge", 10**7), FeatureSpec("mid", 123_457), FeatureSpec("tiny", 3)]
@@ -243,6 +246,7 @@ def test_multiplexed_budgets(ratio):
         Multiplexed.solve_group(feats, 16, ratio, chunks=3)
 
 
+@needs_shared_tables
 def test_multiplexed_embedding_bytes_count_only_the_table():
     (m,) = Multiplexed.solve_group(FEATS, 16, ratio=10)
     assert m.state_dict() == {}  # salts derive from names: nothing else to store
@@ -254,6 +258,7 @@ def zipf_feature(name, rows, mean_length=1.0):
     return FeatureSpec(name, rows, multi_hot=mean_length > 1, mean_length=mean_length, counts=counts)
 
 
+@needs_shared_tables
 @pytest.mark.skipif(not hasattr(Method, "from_export"), reason="no export contract yet")
 def test_hash_and_multiplexed_rebuild_from_their_export():
     feats = [zipf_feature("a", 1000), zipf_feature("b", 300)]
@@ -267,6 +272,7 @@ def test_hash_and_multiplexed_rebuild_from_their_export():
         assert a.keys() == b.keys() and torch.equal(a.values(), b.values())
 
 
+@needs_shared_tables
 def test_multiplexed_default_chunks_divide_the_dim():
     for dim, chunks in ((16, 4), (6, 2), (5, 1)):
         (m,) = Multiplexed.solve_group(FEATS, dim, ratio=10)
