@@ -26,6 +26,11 @@ class EmbeddingCollection(nn.Module):
         names = [t.name for t in self.tables]
         if len(set(names)) != len(names):
             raise ValueError(f"physical table names collide: {names}")
+        # One lookup key per pooled output; several keys may read one table (multiplexing).
+        self.keys: list[tuple[str, str]] = [kt for m in methods for kt in m.lookups()]
+        if len({k for k, _ in self.keys}) != len(self.keys):
+            raise ValueError(f"lookup keys collide: {[k for k, _ in self.keys]}")
+        index = {n: i for i, n in enumerate(names)}
         # backend "sharded": no local tables; pipelines.sharding attaches a TorchRec lookup later.
         self.sharded = backend == "sharded"
         # backend "triton" (GPU, opt-in): remap + lookup + combine of every method in one kernel.
@@ -36,7 +41,8 @@ class EmbeddingCollection(nn.Module):
             self.lookup = TritonMethodLookup(methods, optimizer, seed=seed)
         else:
             self.lookup = None if self.sharded else FusedLookup(self.tables, backend=backend, optimizer=optimizer,
-                                                                 seed=seed)
+                                                                 seed=seed,
+                                                                 feature_tables=[index[t] for _, t in self.keys])
         self._method_order = covered
         # Position of each logical feature in the methods' concatenated output.
         self._output_order = [covered.index(f.name) for f in features]
@@ -62,9 +68,9 @@ class EmbeddingCollection(nn.Module):
             values = physical.values().long()
             offsets = physical.offsets().long()
             pooled_all = self.lookup(values, offsets, physical.weights_or_none())
-            pooled = dict(zip((t.name for t in self.tables), pooled_all.split([t.dim for t in self.tables], 1)))
-        return torch.cat([m.combine({t.name: pooled[t.name] for t in m.physical_tables()})
-                          for m in self.methods], dim=1)
+            dims = {t.name: t.dim for t in self.tables}
+            pooled = dict(zip((k for k, _ in self.keys), pooled_all.split([dims[t] for _, t in self.keys], 1)))
+        return torch.cat([m.combine({k: pooled[k] for k, _ in m.lookups()}) for m in self.methods], dim=1)
 
     def use_sharded_lookup(self, lookup: nn.Module) -> None:
         """Serve the tables from `lookup(physical KJT) -> {table name: [B, dim]}` instead of the
@@ -102,4 +108,5 @@ class EmbeddingCollection(nn.Module):
         from torchrec import EmbeddingBagConfig, PoolingType
 
         return [EmbeddingBagConfig(name=t.name, embedding_dim=t.dim, num_embeddings=t.rows,
-                                   feature_names=[t.name], pooling=PoolingType.SUM) for t in self.tables]
+                                   feature_names=[k for k, n in self.keys if n == t.name],
+                                   pooling=PoolingType.SUM) for t in self.tables]

@@ -31,7 +31,8 @@ class FbgemmLookup(nn.Module):
     backend = "fbgemm"
 
     def __init__(self, tables: list[TableSpec], optimizer: RowwiseAdagrad | None = None,
-                 initial: list[torch.Tensor] | None = None, device: str | torch.device = "cpu"):
+                 initial: list[torch.Tensor] | None = None, device: str | torch.device = "cpu",
+                 feature_tables: list[int] | None = None):
         super().__init__()
         from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
@@ -50,6 +51,7 @@ class FbgemmLookup(nn.Module):
         compute = ComputeDevice.CUDA if on_gpu else ComputeDevice.CPU
         self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
             embedding_specs=[(t.rows, t.dim, location, compute) for t in self.tables],
+            feature_table_map=feature_tables,  # None: group i reads table i
             optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
             learning_rate=self.optimizer.lr,
             eps=self.optimizer.eps,

@@ -52,31 +52,42 @@ def choose_backends(tables: list[TableSpec], backend: str, device: str | torch.d
 
 
 class FusedLookup(nn.Module):
-    """forward(indices, offsets, per_sample_weights) -> [B, Σ dims], tables in the given order."""
+    """forward(indices, offsets, per_sample_weights) -> [B, Σ dims], bag groups in the given order.
+
+    Bag group g (B bags) reads table `feature_tables[g]` (default: group i reads table i);
+    several groups may read one table, each pooled on its own.
+    """
 
     def __init__(self, tables: list[TableSpec], backend: str = "auto",
                  optimizer: RowwiseAdagrad | None = None, seed: int = 0,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", feature_tables: list[int] | None = None):
         super().__init__()
         self.tables = list(tables)
+        ftm = list(range(len(self.tables))) if feature_tables is None else list(feature_tables)
+        self.feature_tables = ftm
         self.optimizer = optimizer or RowwiseAdagrad()
         initial = seeded_initial_weights(self.tables, seed)
         kinds = choose_backends(self.tables, backend, device)
         self.group_tables: list[list[int]] = []
+        self.group_features: list[list[int]] = []
         groups = []
         for kind, cls in (("fbgemm", FbgemmLookup), ("cpu_fused", CpuFusedLookup), ("torch", TorchLookup)):
             ids = [i for i, k in enumerate(kinds) if k == kind]
             if not ids:
                 continue
+            local = {t: n for n, t in enumerate(ids)}
+            feats = [f for f, t in enumerate(ftm) if t in local]
             kwargs = {"device": device} if kind == "fbgemm" else {}
             groups.append(cls([self.tables[i] for i in ids], self.optimizer,
-                              initial=[initial[i] for i in ids], **kwargs))
+                              initial=[initial[i] for i in ids],
+                              feature_tables=[local[ftm[f]] for f in feats], **kwargs))
             self.group_tables.append(ids)
+            self.group_features.append(feats)
         self.groups = nn.ModuleList(groups)
-        dims = [t.dim for t in self.tables]
+        dims = [self.tables[t].dim for t in ftm]
         starts = torch.tensor([0] + dims).cumsum(0).tolist()
-        order = [c for ids in self.group_tables for i in ids for c in range(starts[i], starts[i] + dims[i])]
-        # Output columns come back grouped; this puts them in table order.
+        order = [c for feats in self.group_features for f in feats for c in range(starts[f], starts[f] + dims[f])]
+        # Output columns come back grouped; this puts them in bag-group order.
         self.register_buffer("_column_order", torch.argsort(torch.tensor(order)), persistent=False)
 
     @property
@@ -91,10 +102,10 @@ class FusedLookup(nn.Module):
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         if len(self.groups) == 1:
             return self.groups[0](indices, offsets, per_sample_weights)
-        batch = (offsets.numel() - 1) // len(self.tables)
+        batch = (offsets.numel() - 1) // len(self.feature_tables)
         outs = []
-        for ids, group in zip(self.group_tables, self.groups):
-            idx, off, psw = _select_tables(indices, offsets, per_sample_weights, ids, batch)
+        for feats, group in zip(self.group_features, self.groups):
+            idx, off, psw = _select_tables(indices, offsets, per_sample_weights, feats, batch)
             outs.append(group(idx, off, psw))
         return torch.cat(outs, dim=1)[:, self._column_order]
 
@@ -126,10 +137,10 @@ class FusedLookup(nn.Module):
                 m.copy_(state[f"{t.name}.momentum"].view_as(m))
 
 
-def _select_tables(indices, offsets, weights, table_ids, batch):
-    """The TBE inputs restricted to some tables (their bags stay table-major)."""
+def _select_tables(indices, offsets, weights, group_ids, batch):
+    """The TBE inputs restricted to some bag groups (their bags stay group-major)."""
     idx_parts, len_parts, w_parts = [], [], []
-    for i in table_ids:
+    for i in group_ids:
         bag = offsets[i * batch:(i + 1) * batch + 1]
         lo, hi = int(bag[0]), int(bag[-1])
         idx_parts.append(indices[lo:hi])

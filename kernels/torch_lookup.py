@@ -16,16 +16,18 @@ from embtables.specs import TableSpec
 class TorchLookup(nn.Module):
     """Pooled (sum) lookup over many tables, with row-wise Adagrad fused into backward.
 
-    Inputs follow FBGEMM's TBE layout: `indices` flat, `offsets` of length T·B + 1 in
-    table-major order (all bags of table 0, then table 1, …). Output: [B, Σ dims].
+    Inputs follow FBGEMM's TBE layout: `indices` flat, `offsets` of length G·B + 1 in
+    group-major order (all bags of group 0, then group 1, …); group g reads table
+    `feature_tables[g]` (default: table g). Output: [B, Σ group dims].
     """
 
     backend = "torch"
 
     def __init__(self, tables: list[TableSpec], optimizer: RowwiseAdagrad | None = None,
-                 initial: list[torch.Tensor] | None = None):
+                 initial: list[torch.Tensor] | None = None, feature_tables: list[int] | None = None):
         super().__init__()
         self.tables = list(tables)
+        self.feature_tables = list(range(len(tables))) if feature_tables is None else list(feature_tables)
         self.optimizer = optimizer or RowwiseAdagrad()
         self.weights = nn.ParameterList(nn.Parameter(w.clone()) for w in initial_weights(self.tables, initial))
         for i, t in enumerate(self.tables):
@@ -51,10 +53,10 @@ class TorchLookup(nn.Module):
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-        n_tables = len(self.tables)
-        batch = (offsets.numel() - 1) // n_tables
+        batch = (offsets.numel() - 1) // len(self.feature_tables)
         outs = []
-        for i, weight in enumerate(self.weights):
+        for i, table in enumerate(self.feature_tables):
+            weight = self.weights[table]  # a table read by several groups gets their grads summed
             start, end = i * batch, (i + 1) * batch
             bag_offsets = offsets[start:end + 1]
             lo, hi = int(bag_offsets[0]), int(bag_offsets[-1])

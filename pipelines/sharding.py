@@ -50,7 +50,8 @@ class ShardedLookup(nn.Module):
         if bad:
             raise ConfigError(f"table names may not contain '.' under sharding: {bad}")
         self.ebc = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
-        self.dims = {t.name: t.dim for t in collection.tables}
+        table_dims = {t.name: t.dim for t in collection.tables}
+        self.dims = {key: table_dims[t] for key, t in collection.keys}  # pooled per lookup key
         for t in collection.tables:
             s = adagrad_scale(t.dim)
             apply_optimizer_in_backward(RowWiseAdagrad, [self.ebc.embedding_bags[t.name].weight],

@@ -8,18 +8,15 @@ from torchrec import KeyedJaggedTensor
 
 from embtables.collection import EmbeddingCollection
 from embtables.errors import ConfigError
-from embtables.kernels import RowwiseAdagrad, fbgemm_available
-from embtables.methods.base import Method
+from embtables.kernels import RowwiseAdagrad, cpu_fused_available, fbgemm_available
 from embtables.methods.hashing import Hash
 from embtables.methods.multiplexed import Multiplexed
 from embtables.methods.salted_hash import salt_of, salted_hash
 from embtables.specs import FeatureSpec
 
 needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm_gpu does not import")
-# A table read by several slots needs the collection's lookup keys (Method.lookups).
-needs_shared_tables = pytest.mark.skipif("lookups" not in vars(Method),
-                                         reason="the collection cannot pool one table per slot yet")
-BACKENDS = ["torch", pytest.param("fbgemm", marks=needs_fbgemm)]
+needs_cpu_fused = pytest.mark.skipif(not cpu_fused_available(), reason="cpu_fused kernels are not built")
+BACKENDS = ["torch", pytest.param("fbgemm", marks=needs_fbgemm), pytest.param("cpu_fused", marks=needs_cpu_fused)]
 M64 = (1 << 64) - 1
 
 
@@ -153,7 +150,6 @@ def test_hash_embedding_bytes_equal_the_built_tensors():
 FEATS = [FeatureSpec("user", 2000), FeatureSpec("item", 1000), FeatureSpec("tags", 50, multi_hot=True)]
 
 
-@needs_shared_tables
 def test_multiplexed_one_table_sized_by_the_group_budget():
     (m,) = Multiplexed.solve_group(FEATS, 16, ratio=10, chunks=2)
     assert [(t.rows, t.dim) for t in m.physical_tables()] == [(3050 * 2 // 10, 8)]
@@ -165,7 +161,6 @@ def test_multiplexed_one_table_sized_by_the_group_budget():
     assert dict(s.lookups())["item/mux0"].endswith("multiplexed0")
 
 
-@needs_shared_tables
 def test_multiplexed_chunks_and_features_hash_to_different_rows():
     (m,) = Multiplexed.solve_group(FEATS, 16, ratio=1, chunks=4)  # m = 12200 rows
     ids = torch.arange(1000)
@@ -184,7 +179,6 @@ def test_multiplexed_chunks_and_features_hash_to_different_rows():
     assert len({tuple(t) for t in tuples.tolist()}) == 1000
 
 
-@needs_shared_tables
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_multiplexed_vectors_by_hand_multi_hot_and_weights(backend):
     (m,) = Multiplexed.solve_group(FEATS, 16, ratio=10, chunks=2)
@@ -202,7 +196,6 @@ def test_multiplexed_vectors_by_hand_multi_hot_and_weights(backend):
             torch.testing.assert_close(out[b, fi], expected)
 
 
-@needs_shared_tables
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_multiplexed_trains_the_shared_table(backend):
     (m,) = Multiplexed.solve_group(FEATS, 16, ratio=10, chunks=2, tables=2)
@@ -213,15 +206,14 @@ def test_multiplexed_trains_the_shared_table(backend):
     assert all(not torch.equal(a, b) for a, b in zip(before, emb.lookup.table_weights()))
 
 
-@needs_shared_tables
-@needs_fbgemm
-def test_multiplexed_backends_agree_next_to_other_methods_over_training_steps():
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_multiplexed_backends_agree_next_to_other_methods_over_training_steps(backend):
     feats = FEATS + [FeatureSpec("city", 500)]
     ids = kjt({"user": [[1], [2], []], "item": [[4], [], [999]], "tags": [[0, 7], [], [49]], "city": [[3], [4], [5]]})
     outs, weights = [], []
-    for backend in ("torch", "fbgemm"):
+    for name in ("torch", backend):
         methods = Multiplexed.solve_group(FEATS, 16, ratio=10, tables=2) + [Hash.solve(feats[-1], 16, 10)]
-        emb = collection(feats, methods, backend)
+        emb = collection(feats, methods, name)
         for step in range(3):  # the slots' gradients into one shared table merge the same way
             out = emb(ids)
             (out * torch.linspace(-1, 1, 16)).sum().backward()
@@ -233,7 +225,6 @@ def test_multiplexed_backends_agree_next_to_other_methods_over_training_steps():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@needs_shared_tables
 @pytest.mark.parametrize("ratio", [2, 10, 100, 1000])
 def test_multiplexed_budgets(ratio):
     feats = [FeatureSpec("huge", 10**7), FeatureSpec("mid", 123_457), FeatureSpec("tiny", 3)]
@@ -246,7 +237,6 @@ def test_multiplexed_budgets(ratio):
         Multiplexed.solve_group(feats, 16, ratio, chunks=3)
 
 
-@needs_shared_tables
 def test_multiplexed_embedding_bytes_count_only_the_table():
     (m,) = Multiplexed.solve_group(FEATS, 16, ratio=10)
     assert m.state_dict() == {}  # salts derive from names: nothing else to store
@@ -258,8 +248,6 @@ def zipf_feature(name, rows, mean_length=1.0):
     return FeatureSpec(name, rows, multi_hot=mean_length > 1, mean_length=mean_length, counts=counts)
 
 
-@needs_shared_tables
-@pytest.mark.skipif(not hasattr(Method, "from_export"), reason="no export contract yet")
 def test_hash_and_multiplexed_rebuild_from_their_export():
     feats = [zipf_feature("a", 1000), zipf_feature("b", 300)]
     ids = kjt({"a": [[1, 999], [5]], "b": [[0], [299]]})
@@ -272,7 +260,6 @@ def test_hash_and_multiplexed_rebuild_from_their_export():
         assert a.keys() == b.keys() and torch.equal(a.values(), b.values())
 
 
-@needs_shared_tables
 def test_multiplexed_default_chunks_divide_the_dim():
     for dim, chunks in ((16, 4), (6, 2), (5, 1)):
         (m,) = Multiplexed.solve_group(FEATS, dim, ratio=10)

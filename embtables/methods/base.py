@@ -35,12 +35,20 @@ class Method(nn.Module):
     def physical_tables(self) -> list[TableSpec]:
         raise NotImplementedError
 
+    def lookups(self) -> list[tuple[str, str]]:
+        """(key remap emits, physical table it reads), in remap's key order.
+
+        One per table by default; a table shared by several slots (multiplexing) lists each
+        slot, and each slot is pooled on its own.
+        """
+        return [(t.name, t.name) for t in self.physical_tables()]
+
     def remap(self, ids: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Raw ids (keys = this method's features) → rows (keys = its physical table names)."""
+        """Raw ids (keys = this method's features) → rows (keys = its `lookups()` keys)."""
         raise NotImplementedError
 
     def combine(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pooled rows per physical table ([B, table dim]) → [B, len(features), dim]."""
+        """Pooled rows per lookup key ([B, table dim]) → [B, len(features), dim]."""
         raise NotImplementedError
 
     @classmethod

@@ -100,9 +100,6 @@ class Multiplexed(Method):
     def solve_group(cls, features: list[FeatureSpec], dim: int, ratio: float, chunks: int | None = None,
                     tables: int = 1, init_std: float = 0.01) -> list["Multiplexed"]:
         """One method over all features: S·m rows of dim d/c hold Σ n_f·d / ratio floats."""
-        if "lookups" not in vars(Method):  # the collection cannot pool one table per slot yet
-            raise ConfigError("method 'multiplexed' needs shared-table lookups (Method.lookups and "
-                              "FusedLookup(feature_tables=…)), which this build's collection lacks")
         if chunks is None:
             chunks = next(c for c in (4, 2, 1) if dim % c == 0)
         if chunks < 1 or dim % chunks:
