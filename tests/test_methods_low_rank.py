@@ -5,6 +5,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from embtables.collection import EmbeddingCollection
+from embtables.errors import ConfigError
 from embtables.kernels import fbgemm_available
 from embtables.methods.low_rank import LowRank
 from embtables.specs import FeatureSpec
@@ -124,9 +125,14 @@ def test_budget_holds_for_small_large_tiny_and_huge_features(ratio):
         budget = f.full_bytes(16) / ratio
         assert m.embedding_bytes() <= budget
         assert m.embedding_bytes() >= 0.6 * budget  # integer ranks: r = 1 where 1.6 would fit
-    tiny = FeatureSpec("tiny", 3)
-    m = LowRank.solve(tiny, 16, ratio)
-    assert m.embedding_bytes() <= max(tiny.full_bytes(16) / ratio, (1 + 16) * 4)  # one 1-dim row + basis
+    tiny = FeatureSpec("tiny", 3)  # its floor, one 1-dim row + basis, is 68 bytes of its 192
+    if ratio > tiny.full_bytes(16) / 68:
+        with pytest.raises(ConfigError, match="out of reach for method 'low_rank' on 'tiny'"):
+            LowRank.solve(tiny, 16, ratio)
+    # In a group the large feature pays for the tiny one's floor, and the sum meets the budget.
+    group = [zipf("z", 100_000), tiny]
+    methods = LowRank.solve_group(group, 16, ratio)
+    assert sum(m.embedding_bytes() for m in methods) <= sum(f.full_bytes(16) for f in group) / ratio
 
 
 def test_embedding_bytes_counts_built_tables_and_basis():

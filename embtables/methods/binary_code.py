@@ -22,7 +22,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from embtables.methods.base import Method
-from embtables.methods.hashing import solve_within_budget
+from embtables.methods.budget import solve_within_budget
 from embtables.specs import FeatureSpec, TableSpec
 
 LAYOUTS = ("succession", "skip")

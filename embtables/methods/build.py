@@ -75,7 +75,7 @@ def split_small_features(features: list[FeatureSpec], dim: int, ratio: float,
 def _check_options(cls, name: str, options: dict) -> None:
     """Unknown method options are config errors, not silently ignored keywords."""
     known = set()
-    for fn in (cls.solve, cls.solve_group):
+    for fn in (cls.solve, cls.solve_group, getattr(cls, "fit", cls.solve)):  # fit: where solve passes **options
         known |= {p.name for p in inspect.signature(fn).parameters.values()
                   if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty)}
     known -= {"ratio"}

@@ -21,6 +21,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from embtables.methods.base import Method
+from embtables.methods.budget import solve_within_budget
 from embtables.specs import FP32_BYTES, FeatureSpec, TableSpec
 
 
@@ -85,8 +86,18 @@ class LowRank(Method):
 
     # --- factorized: solve the rank from the ratio ---------------------------------------
     @classmethod
-    def solve(cls, feature: FeatureSpec, dim: int, ratio: float, *, rank: int | None = None,
-              max_shared_traffic: float = 0.01, mean: bool = False, init_std: float = 0.01) -> "LowRank":
+    def solve(cls, feature: FeatureSpec, dim: int, ratio: float, **options) -> "LowRank":
+        return solve_within_budget(cls.fit, [feature], dim, ratio, **options)[0]
+
+    @classmethod
+    def solve_group(cls, features: list[FeatureSpec], dim: int, ratio: float, **options) -> list["LowRank"]:
+        """One budget for the group: a tiny feature's rank-1, one-row floor (d + 1 floats) can
+        exceed its own share, so the large features pay for it (see `solve_within_budget`)."""
+        return solve_within_budget(cls.fit, features, dim, ratio, **options)
+
+    @classmethod
+    def fit(cls, feature: FeatureSpec, dim: int, ratio: float, *, rank: int | None = None,
+            max_shared_traffic: float = 0.01, mean: bool = False, init_std: float = 0.01) -> "LowRank":
         """r = the largest rank with r(n+d) floats ≤ full/ratio (at least 1). Integer ranks can
         leave much of the budget unused (r = 1 where 1.6 would fit), so r + 1 is taken when
         the ids it makes share rows (the rarest: rows are cut from the tail, id mod rows)
