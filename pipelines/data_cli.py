@@ -101,11 +101,12 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
 
     p = sources.add_parser("synth", help="generated click logs with a planted model (known best AUC)")
     p.add_argument("out")
-    p.add_argument("--preset", default="criteo26", help="criteo26 or tiny")
+    p.add_argument("--preset", default="criteo26", help="criteo26, criteo26-tail or tiny")
     p.add_argument("--rows", type=int, default=None)
     p.add_argument("--cardinalities", type=_int_list, default=None, help="e.g. 10,1000,100000")
     p.add_argument("--dense", type=int, default=None, help="number of dense features")
-    p.add_argument("--zipf", type=float, default=1.15, help="power-law exponent of id frequencies")
+    p.add_argument("--zipf", type=float, default=None,
+                   help="power-law exponent of id frequencies (default: the preset's, 1.15 for criteo26)")
     p.add_argument("--multi-hot", type=int, default=None, help="number of extra multi-hot features")
     _common(p)
     p.set_defaults(func=_run_synth)

@@ -25,6 +25,12 @@ PRESETS = {
     "criteo26": {"rows": 400_000, "dense": 13, "multi_hot": 0, "cardinalities": [
         1460, 583, 300_000, 150_000, 305, 24, 12_517, 633, 3, 40_000, 5683, 280_000, 3194,
         27, 14_992, 200_000, 10, 5652, 2173, 4, 250_000, 18, 15, 100_000, 105, 60_000]},
+    # The same shape with a heavy tail: the eight large features ×4 (1.2M ids in the largest) and a
+    # flatter power law, so ~1.4M distinct ids show up in 400k rows (~2.5M in 1M rows), most of them
+    # rare — the regime where compression has to decide which ids keep their own row.
+    "criteo26-tail": {"rows": 400_000, "dense": 13, "multi_hot": 0, "zipf": 0.8, "cardinalities": [
+        1460, 583, 1_200_000, 600_000, 305, 24, 12_517, 633, 3, 160_000, 5683, 1_120_000, 3194,
+        27, 14_992, 800_000, 10, 5652, 2173, 4, 1_000_000, 18, 15, 400_000, 105, 240_000]},
     "tiny": {"rows": 4000, "dense": 2, "multi_hot": 0, "cardinalities": [3, 10, 100, 1000]},
 }
 TARGET_AUC, TARGET_CTR = 0.80, 0.25
@@ -177,7 +183,7 @@ def _table(model: PlantedModel, rows: dict, y: np.ndarray, keep: np.ndarray) -> 
 
 
 def ingest(out, *, preset: str = "criteo26", rows: int | None = None, cardinalities: list[int] | None = None,
-           dense: int | None = None, zipf: float = 1.15, multi_hot: int | None = None, seed: int = 0,
+           dense: int | None = None, zipf: float | None = None, multi_hot: int | None = None, seed: int = 0,
            valid_fraction: float = 0.1, row_group: int = 65536, min_count: int = 1) -> Path:
     """Generate `rows` click-log rows (preset values unless given) and encode them into `out`."""
     if preset not in PRESETS:
@@ -187,6 +193,7 @@ def ingest(out, *, preset: str = "criteo26", rows: int | None = None, cardinalit
     cards = list(p["cardinalities"] if cardinalities is None else cardinalities)
     n_dense = p["dense"] if dense is None else dense
     multi_hot = p["multi_hot"] if multi_hot is None else multi_hot
+    zipf = p.get("zipf", 1.15) if zipf is None else zipf
     if rows < 2 or not cards or min(cards) < 1 or n_dense < 0 or multi_hot < 0 or zipf <= 0:
         raise ConfigError("synth needs rows >= 2, cardinalities >= 1, dense >= 0, multi_hot >= 0, zipf > 0")
 
