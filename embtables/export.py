@@ -1,8 +1,10 @@
 """`embtables export`: a trained run → a self-contained serving artifact.
 
 EXPORT/
-  embeddings.safetensors   every physical table (fp32, or quantized: codes + scale + bias / signs
-                           + scale) and every method's own tensors (projections, bases, …)
+  embeddings.safetensors   one tensor per physical table (fp32, or quantized: codes + scale + bias /
+                           signs + scale packed together, see tensor_blob.py) and per method tensor
+                           (projections, bases, …; method_tensors.py says how a quantized export
+                           stores them)
   dense.safetensors        the dense network (DLRM / DCNv2)
   vocab/FEATURE.parquet    raw value → id (id = row number; unseen values → the feature's OOV id)
   manifest.json            written last: features, methods (+ constructor arguments), tables,
@@ -27,11 +29,13 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 
+from embtables import method_tensors
 from embtables.errors import ExportError
 from embtables.quantize import check_precision, expected_bytes, quantize_table, rows_per_scale, stored_bytes
+from embtables.tensor_blob import pack_parts
 
 EXPORT_FORMAT = "embtables-export"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: one tensor per table / method tensor; encoded method tensors
 MANIFEST = "manifest.json"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 DENSE_FILE = "dense.safetensors"
@@ -104,7 +108,7 @@ def export_run(run_dir, out, quantize: str = "none", binary_bits: int = 1, check
     network = {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}
     trained = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     table_bytes = sum(e["bytes"] for e in table_entries)
-    method_bytes = sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith("methods/"))
+    method_bytes = sum(d["bytes"] for e in method_entries for d in e["tensors"].values())
     manifest = {
         "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "embtables_version": embtables_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -163,7 +167,11 @@ def table_precision(rows: int, dim: int, requested: str, binary_bits: int = 1) -
 
 
 def _embedding_tensors(emb, tables: dict, quantize: str, binary_bits: int, ckpt: Path):
-    """(tensors by name, table entries, method entries) of the embedding layer."""
+    """(tensors by name, table entries, method entries) of the embedding layer.
+
+    Tensor names are short (t3, m1.basis): safetensors repeats each in its header, and the
+    manifest entries say what each one is.
+    """
     tensors: dict[str, torch.Tensor] = {}
     table_entries, method_entries = [], []
     for m in emb.methods:
@@ -176,20 +184,25 @@ def _embedding_tensors(emb, tables: dict, quantize: str, binary_bits: int, ckpt:
                                   f"({t.rows}, {t.dim})")
             precision = table_precision(t.rows, t.dim, quantize, binary_bits)
             stored = quantize_table(weight, precision, binary_bits)
-            names = {role: f"tables/{t.name}/{role}" for role in stored}
-            tensors.update({names[role]: v for role, v in stored.items()})
+            name = f"t{len(table_entries)}"
+            tensors[name], layout = pack_parts(stored)
             table_entries.append({"name": t.name, "rows": t.rows, "dim": t.dim, "precision": precision,
                                   "binary_bits": binary_bits if precision == "binary" else None,
                                   "rows_per_scale": rows_per_scale(t.dim) if precision != "none" else None,
-                                  "tensors": names, "bytes": stored_bytes(stored)})
+                                  "tensor": name, "parts": layout, "bytes": stored_bytes(stored)})
     for i, m in enumerate(emb.methods):
         own, entry = m.export()
         entry = _json_plain(entry)
-        entry["tensors"] = {k: f"methods/{i}/{k}" for k in own}
+        entry["tensors"] = {}
+        for k, v in own.items():
+            encoding, parts = method_tensors.encode(v, quantize)
+            name = f"m{i}.{k}"
+            tensors[name], layout = pack_parts(parts)
+            entry["tensors"][k] = {"tensor": name, "encoding": encoding, "dtype": str(v.dtype).removeprefix("torch."),
+                                   "shape": list(v.shape), "parts": layout, "bytes": stored_bytes(parts)}
         # (remap key, table) pairs: a key per table, unless several keys share one (multiplexed).
         entry["lookups"] = [list(p) for p in m.lookups()] if hasattr(m, "lookups") else \
             [[t.name, t.name] for t in m.physical_tables()]
-        tensors.update({f"methods/{i}/{k}": v.detach().cpu().contiguous() for k, v in own.items()})
         method_entries.append(entry)
     return tensors, table_entries, method_entries
 

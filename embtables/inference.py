@@ -17,10 +17,12 @@ from safetensors.torch import load_file
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
+from embtables import method_tensors
 from embtables.errors import ConfigError, ExportError
 from embtables.export import (DENSE_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT, EXPORT_VERSION, MANIFEST,
                               embtables_version, file_sha256, tensor_sha256)
 from embtables.serving_lookup import ServingLookup
+from embtables.tensor_blob import unpack_parts
 
 
 def _version_tuple(v: str) -> tuple | None:
@@ -81,6 +83,20 @@ def _load_tensors(path: Path, manifest: dict, file: str, verify: bool) -> dict[s
     return got
 
 
+def _table_parts(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A table's stored parts by role (format 1: a tensor per role; 2: one packed tensor)."""
+    if "tensors" in entry:
+        return {role: tensors[name] for role, name in entry["tensors"].items()}
+    return unpack_parts(tensors[entry["tensor"]], entry["parts"])
+
+
+def _method_tensor(d, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A method tensor as the method exported it (format 1: a name; 2: an encoded entry)."""
+    if isinstance(d, str):
+        return tensors[d]
+    return method_tensors.decode(d, unpack_parts(tensors[d["tensor"]], d["parts"]))
+
+
 def load(path, device: str | torch.device = "cpu", backend: str = "auto", verify: bool = True) -> "InferenceModel":
     """The inference module of an export. backend: auto (FBGEMM IntNBit for fp32/int8/int4 tables
     where it imports) | fbgemm | torch. verify: check every tensor's and file's sha256."""
@@ -103,12 +119,12 @@ def load(path, device: str | torch.device = "cpu", backend: str = "auto", verify
     for entry in manifest["methods"]:
         try:
             cls = method_class(entry["method"])
-            own = {k: emb[name] for k, name in entry["tensors"].items()}
+            own = {k: _method_tensor(d, emb) for k, d in entry["tensors"].items()}
             methods.append(cls.from_export(entry, own))
         except (ConfigError, NotImplementedError, TypeError, ValueError, RuntimeError, KeyError) as e:
             raise ExportError(f"{path / MANIFEST}: cannot rebuild method {entry.get('method')!r} for "
                               f"features {entry.get('features')}: {e}") from None
-    stored = [{role: emb[name] for role, name in t["tensors"].items()} for t in manifest["tables"]]
+    stored = [_table_parts(t, emb) for t in manifest["tables"]]
     lookup = ServingLookup(manifest["tables"], stored, [p for e in manifest["methods"] for p in e["lookups"]],
                            backend=backend, device=device)
     network = build_network(manifest["model"], len(manifest["dense"]), len(manifest["features"]), manifest["dim"])

@@ -262,6 +262,14 @@ def test_three_stages_end_to_end(tmp_path, synth):
     export_run(tmp_path / "run", tmp_path / "export")
     served = predict(tmp_path / "export", synth, tmp_path / "pred.parquet", progress=False)
     assert served["auc"] == pytest.approx(m["auc"], abs=1e-4)  # the export contract: AUC to 1e-4
+    # int8: pruned fields' id → row maps travel as one keep bit an id, rebuilt exactly at load.
+    export_run(tmp_path / "run", tmp_path / "int8", quantize="int8")
+    manifest = json.loads((tmp_path / "int8" / "manifest.json").read_text())
+    kept = {d["encoding"] for e in manifest["methods"] for k, d in e["tensors"].items() if k == "row_of"}
+    assert kept == ({"keep_bits"} if any(f["kept_rows"] < f["rows"] for f in oe["fields"].values()) else set())
+    assert manifest["bytes"]["embedding"] <= 0.3 * m["embedding_bytes"]
+    served8 = predict(tmp_path / "int8", synth, tmp_path / "pred8.parquet", progress=False)
+    assert served8["auc"] == pytest.approx(m["auc"], abs=0.002)
     # Stage by stage into another dir: the same plan (the search is deterministic).
     for stage in ("supernet", "search"):
         train(cfg(f"embedding.compression.stage={stage}"), tmp_path / "staged", progress=False)
