@@ -2,10 +2,11 @@
 # Memory/AUC tradeoff sweeps behind benchmarks/RESULTS.md: every method at ratios 1, 10, 100, 1000
 # on the same data and model, then the side-by-side comparison with the published anchors.
 #
-# Usage: benchmarks/run_tradeoff.sh movielens|synth1m|anchors|all [SEEDS]
-#   movielens  ml-latest-small, configs/demo.yaml (DLRM, dim 16, 2 epochs)      ~20 min on 2 cores
-#   synth1m    1M-row synth, criteo26 cardinalities (26 features, 1e5–3e5 ids in the largest),
-#              configs/synth_dlrm.yaml (DLRM, dim 16, 2 epochs, batch 2048)      hours on 2 cores
+# Usage: benchmarks/run_tradeoff.sh movielens|synth400k|synth1m|anchors|all [SEEDS]
+#   movielens  ml-latest-small, configs/demo.yaml (DLRM, dim 16, 2 epochs)           ~20 min on 2 cores
+#   synth400k  400k-row synth, preset criteo26-tail (26 power-law features, ~1.35M ids),
+#              configs/synth_tail.yaml (DLRM, dim 16, 1 epoch, batch 2048)            ~15 min
+#   synth1m    the same generator at 1M rows (~2.5M ids; 1e5–6e5 in the largest)      ~40 min
 #   anchors    the anchors table from whichever sweeps exist, and the tradeoff block of RESULTS.md
 # Sweeps resume: re-running a command skips finished cells (and retries failed ones).
 # Env: SWEEP_DIR (default /tmp/embtables-tradeoff), METHODS (comma-separated; default all below).
@@ -20,6 +21,8 @@ BIN=.venv/bin/embtables
 KEEP=benchmarks/tradeoff   # the committed copies: results.md, results.csv, pareto.png
 mkdir -p "$DIR"
 
+rows_of() { local n=${1/k/000}; echo "${n/m/000000}"; }  # 400k → 400000, 1m → 1000000
+
 publish() {  # sweep dir → committed copy
   mkdir -p "$KEEP/$2"
   cp "$1/results.md" "$1/results.csv" "$1/pareto.png" "$KEEP/$2/"
@@ -33,16 +36,19 @@ if [[ $WHAT == movielens || $WHAT == all ]]; then
   publish "$DIR/sweep-movielens" movielens
 fi
 
-if [[ $WHAT == synth1m || $WHAT == all ]]; then
-  test -f "$DIR/synth-1m/stats.json" || \
-    $BIN data synth "$DIR/synth-1m" --preset criteo26 --rows 1000000
-  $BIN bench tradeoff configs/synth_dlrm.yaml --methods "$METHODS" --ratios $RATIOS --seeds "$SEEDS" \
-    --out "$DIR/sweep-synth1m" --set data.train="$DIR/synth-1m" || true
-  publish "$DIR/sweep-synth1m" synth1m
-fi
+for rows in 400k 1m; do
+  if [[ $WHAT == synth$rows || $WHAT == all ]]; then
+    test -f "$DIR/synth-$rows/stats.json" || \
+      $BIN data synth "$DIR/synth-$rows" --preset criteo26-tail --rows "$(rows_of "$rows")"
+    $BIN bench tradeoff configs/synth_tail.yaml --methods "$METHODS" --ratios $RATIOS --seeds "$SEEDS" \
+      --out "$DIR/sweep-synth$rows" --set data.train="$DIR/synth-$rows" || true
+    publish "$DIR/sweep-synth$rows" "synth$rows"
+  fi
+done
 
-if [[ $WHAT == anchors || $WHAT == all || $WHAT == movielens || $WHAT == synth1m ]]; then
+if [[ $WHAT != none ]]; then  # every target ends by rebuilding the tables from the committed copies
   .venv/bin/python benchmarks/anchors.py --sweep "ml-latest-small=$KEEP/movielens" \
-    --sweep "synth 1M rows, criteo26=$KEEP/synth1m" --out "$KEEP/anchors.md" --section benchmarks/RESULTS.md
-  echo "→ $KEEP/{movielens,synth1m}/results.md, pareto.png, $KEEP/anchors.md and benchmarks/RESULTS.md"
+    --sweep "synth 400k rows, criteo26-tail=$KEEP/synth400k" --sweep "synth 1M rows, criteo26-tail=$KEEP/synth1m" \
+    --out "$KEEP/anchors.md" --section benchmarks/RESULTS.md
+  echo "→ $KEEP/{movielens,synth400k,synth1m}/results.md, pareto.png, $KEEP/anchors.md and benchmarks/RESULTS.md"
 fi

@@ -16,6 +16,7 @@ from torch import nn
 from embtables.kernels.cpu_fused import CpuFusedLookup, cpu_fused_available
 from embtables.kernels.fbgemm_lookup import FbgemmLookup, fbgemm_available, fbgemm_supports
 from embtables.kernels.optimizer import RowwiseAdagrad
+from embtables.kernels.table_state import TableStateMixin
 from embtables.kernels.torch_lookup import TorchLookup
 from embtables.specs import TableSpec
 
@@ -51,7 +52,7 @@ def choose_backends(tables: list[TableSpec], backend: str, device: str | torch.d
     return ["fbgemm" if use_fbgemm and fbgemm_supports(t) else "torch" for t in tables]
 
 
-class FusedLookup(nn.Module):
+class FusedLookup(TableStateMixin, nn.Module):
     """forward(indices, offsets, per_sample_weights) -> [B, Σ dims], bag groups in the given order.
 
     Bag group g (B bags) reads table `feature_tables[g]` (default: group i reads table i);
@@ -121,20 +122,6 @@ class FusedLookup(nn.Module):
             for i, t in zip(ids, get(group)):
                 out[i] = t
         return out
-
-    def lookup_state(self) -> dict[str, torch.Tensor]:
-        """Weights and optimizer state by table name (for checkpoints and export)."""
-        state = {}
-        for t, w, m in zip(self.tables, self.table_weights(), self.optimizer_states()):
-            state[f"{t.name}.weight"] = w.detach().clone()
-            state[f"{t.name}.momentum"] = m.detach().clone()
-        return state
-
-    def load_lookup_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for t, w, m in zip(self.tables, self.table_weights(), self.optimizer_states()):
-                w.copy_(state[f"{t.name}.weight"])
-                m.copy_(state[f"{t.name}.momentum"].view_as(m))
 
 
 def _select_tables(indices, offsets, weights, group_ids, batch):

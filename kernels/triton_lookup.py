@@ -19,6 +19,7 @@ from torch import nn
 
 from embtables.kernels.fused import seeded_initial_weights
 from embtables.kernels.optimizer import RowwiseAdagrad
+from embtables.kernels.table_state import TableStateMixin
 from embtables.kernels.triton_plan import SUPPORTED, Plan
 
 BLOCK_L, BLOCK_E = 16, 32
@@ -57,7 +58,7 @@ class _Lookup(torch.autograd.Function):
         return None, None, None, None, None
 
 
-class TritonMethodLookup(nn.Module):
+class TritonMethodLookup(TableStateMixin, nn.Module):
     backend = "triton"
 
     def __init__(self, methods, optimizer: RowwiseAdagrad | None = None, seed: int = 0,
@@ -89,19 +90,6 @@ class TritonMethodLookup(nn.Module):
 
     def optimizer_states(self) -> list[torch.Tensor]:
         return [self.momentum[int(o):int(o) + t.rows] for t, o in zip(self.tables, self.plan.state_offset)]
-
-    def lookup_state(self) -> dict[str, torch.Tensor]:
-        state = {}
-        for t, w, m in zip(self.tables, self.table_weights(), self.optimizer_states()):
-            state[f"{t.name}.weight"] = w.detach().clone()
-            state[f"{t.name}.momentum"] = m.detach().clone()
-        return state
-
-    def load_lookup_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for t, w, m in zip(self.tables, self.table_weights(), self.optimizer_states()):
-                w.copy_(state[f"{t.name}.weight"])
-                m.copy_(state[f"{t.name}.momentum"].view_as(m))
 
     # --- the lookup ---------------------------------------------------------------------------
     def forward(self, ids) -> torch.Tensor:

@@ -34,10 +34,7 @@ def ingest(raw, out, *, valid_fraction: float = 0.1, seed: int = 0, min_count: i
     with scratch_dir(out, "raw") as tmp:
         writer = PartWriter(tmp, schema)
         stream = CsvStream(raw, names=names, types=types, delimiter=",", header=True)
-        rows = 0
-        for batch in stream:
-            if max_rows is not None:
-                batch = batch.slice(0, max_rows - rows)
+        for rows, batch in stream.batches(max_rows):
             stream.require_binary(batch, LABEL, rows)
             stamp = pc.strptime(batch.column("hour"), format="%y%m%d%H", unit="s", error_is_null=True)
             stream.require(batch, "hour", pc.is_valid(stamp).to_numpy(zero_copy_only=False), rows,
@@ -46,11 +43,6 @@ def ingest(raw, out, *, valid_fraction: float = 0.1, seed: int = 0, min_count: i
             cols["hour_of_day"] = pc.hour(stamp).cast(pa.int64())
             cols["weekday"] = pc.day_of_week(stamp).cast(pa.int64())
             writer.write(pa.table(cols, schema=schema))
-            rows += batch.num_rows
-            if max_rows is not None and rows >= max_rows:
-                break
         writer.close()
-        if rows == 0:
-            raise DataError(f"{raw}: no data rows")
         return prepare_parquet(tmp, None, label=LABEL, dense=[], sparse=sparse, out=out,
                                min_count=min_count, source="avazu", valid_fraction=valid_fraction, seed=seed)

@@ -41,17 +41,9 @@ def ingest(raw, out, *, valid_fraction: float = 0.1, seed: int = 0, min_count: i
     with scratch_dir(out, "raw") as tmp:
         writer = PartWriter(tmp, pa.schema(list(TYPES.items())))
         stream = CsvStream(raw, names=NAMES, types=TYPES, delimiter=delimiter, header=header)
-        rows = 0
-        for batch in stream:
-            if max_rows is not None:
-                batch = batch.slice(0, max_rows - rows)
+        for rows, batch in stream.batches(max_rows):
             stream.require_binary(batch, LABEL, rows)
             writer.write(pa.Table.from_batches([batch]))
-            rows += batch.num_rows
-            if max_rows is not None and rows >= max_rows:
-                break
         writer.close()
-        if rows == 0:
-            raise DataError(f"{raw}: no data rows")
         return prepare_parquet(tmp, None, label=LABEL, dense=DENSE, sparse=SPARSE, out=out,
                                min_count=min_count, source="criteo", valid_fraction=valid_fraction, seed=seed)

@@ -268,6 +268,19 @@ class CsvStream:
         ok = pc.fill_null(pc.is_in(values, value_set=pa.array([0, 1], values.type)), False)
         self.require(batch, name, ok.to_numpy(zero_copy_only=False), rows_before, "is not 0 or 1")
 
+    def batches(self, max_rows: int | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """(data rows before it, batch) up to `max_rows` rows in all; no data row is an error."""
+        rows = 0
+        for batch in self:
+            if max_rows is not None:
+                batch = batch.slice(0, max_rows - rows)
+            yield rows, batch
+            rows += batch.num_rows
+            if max_rows is not None and rows >= max_rows:
+                break
+        if rows == 0:
+            raise DataError(f"{self.path}: no data rows")
+
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         while True:
             try:

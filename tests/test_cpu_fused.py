@@ -5,13 +5,13 @@ import torch.nn.functional as F
 
 from embtables.kernels import FusedLookup, RowwiseAdagrad
 from embtables.kernels import cpu_fused
-from embtables.kernels.cpu_fused import CpuFusedLookup, cpu_fused_available
+from embtables.kernels.cpu_fused import CpuFusedLookup
 from embtables.kernels.torch_lookup import TorchLookup
 from embtables.specs import TableSpec
 
+from helpers import needs_cpu_fused
 from test_kernels import random_bags, train_steps
 
-needs_kernels = pytest.mark.skipif(not cpu_fused_available(), reason="cpu_fused kernels are not built")
 
 # Dims with and without a specialised inner loop (4, 8, 16, 64, 128) and odd ones.
 TABLES = [TableSpec("a", 50, 8), TableSpec("b", 7, 4), TableSpec("c", 300, 16), TableSpec("d", 20, 3),
@@ -35,7 +35,7 @@ def assert_same_tables(ref, fast):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@needs_kernels
+@needs_cpu_fused
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matches_torch_reference_over_several_steps(weighted, threads):
@@ -53,7 +53,7 @@ def test_matches_torch_reference_over_several_steps(weighted, threads):
     assert all(float(s.abs().sum()) > 0 for s in fast.optimizer_states())
 
 
-@needs_kernels
+@needs_cpu_fused
 def test_duplicates_are_merged_before_one_update_and_empty_bags_are_zero():
     table = TableSpec("t", 5, 4)
     fast = CpuFusedLookup([table], RowwiseAdagrad(lr=0.5), initial=initial([table]))
@@ -69,7 +69,7 @@ def test_duplicates_are_merged_before_one_update_and_empty_bags_are_zero():
     torch.testing.assert_close(fast.table_weights()[0][[0, 2, 4]], w0[[0, 2, 4]])
 
 
-@needs_kernels
+@needs_cpu_fused
 @pytest.mark.parametrize("threads", [1, 2])
 def test_shared_table_merges_gradients_of_every_group_reading_it(threads):
     # Groups 0 and 2 read table 0 (as multiplexing does): one merged update per row.
@@ -109,7 +109,7 @@ def test_shared_table_merges_gradients_of_every_group_reading_it(threads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@needs_kernels
+@needs_cpu_fused
 def test_one_large_table_is_split_across_threads_exactly():
     table = [TableSpec("big", 1000, 16)]
     opt = RowwiseAdagrad(lr=0.05)
@@ -125,7 +125,7 @@ def test_one_large_table_is_split_across_threads_exactly():
     assert_same_tables(ref, fast)
 
 
-@needs_kernels
+@needs_cpu_fused
 def test_learnable_per_sample_weights_get_the_reference_gradient():
     tables = TABLES[:3]
     indices, offsets = random_bags(tables, batch=8, max_len=3, seed=4)
@@ -140,7 +140,7 @@ def test_learnable_per_sample_weights_get_the_reference_gradient():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@needs_kernels
+@needs_cpu_fused
 def test_eval_and_no_grad_leave_tables_alone():
     fast = CpuFusedLookup(TABLES, initial=initial(TABLES)).eval()
     before = [w.clone() for w in fast.table_weights()]
@@ -152,7 +152,7 @@ def test_eval_and_no_grad_leave_tables_alone():
         assert torch.equal(a, b)
 
 
-@needs_kernels
+@needs_cpu_fused
 def test_out_of_range_index_names_the_table():
     fast = CpuFusedLookup(TABLES[:2], initial=initial(TABLES[:2]))
     indices = torch.tensor([3, 1, 7])           # table "b" has 7 rows: 7 is out of range
@@ -161,7 +161,7 @@ def test_out_of_range_index_names_the_table():
         fast(indices, offsets)
 
 
-@needs_kernels
+@needs_cpu_fused
 def test_fused_lookup_backend_and_state_round_trip():
     opt = RowwiseAdagrad(lr=0.1)
     ref = FusedLookup(TABLES, backend="torch", optimizer=opt, seed=3)
@@ -185,7 +185,7 @@ def test_missing_kernels_fall_back_to_the_reference(monkeypatch):
         CpuFusedLookup(TABLES)
 
 
-@needs_kernels
+@needs_cpu_fused
 def test_kernel_bench_reports_every_backend_and_the_speedup():
     import argparse
 
@@ -209,7 +209,7 @@ def test_kernel_bench_reports_every_backend_and_the_speedup():
         assert report["speedup_vs_fbgemm_train_step"] > 0
 
 
-@needs_kernels
+@needs_cpu_fused
 def test_auto_picks_cpu_fused_on_cpu_only():
     from embtables.kernels.fused import choose_backends
 

@@ -197,6 +197,20 @@ def test_synth_tiny_planted_model(tmp_path):
     assert rows_of(again, "train") == rows_of(out, "train")
 
 
+def test_avazu_header_only_is_an_error_and_leaves_nothing(tmp_path):
+    raw = tmp_path / "avazu.csv"
+    raw.write_text((SAMPLES / "avazu_sample.txt").read_text().splitlines()[0] + "\n")
+    with pytest.raises(DataError, match=r"avazu.csv: no data rows"):
+        ingest_avazu.ingest(raw, tmp_path / "ds")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["avazu.csv"]
+
+
+def test_synth_tail_preset_has_a_heavier_tail():
+    tail, base = ingest_synth.PRESETS["criteo26-tail"], ingest_synth.PRESETS["criteo26"]
+    assert len(tail["cardinalities"]) == 26 and tail["zipf"] < 1.15
+    assert sum(tail["cardinalities"]) > 3 * sum(base["cardinalities"])
+
+
 def test_synth_criteo26_preset_shape():
     cards = ingest_synth.PRESETS["criteo26"]["cardinalities"]
     assert len(cards) == 26 and 1.3e6 < sum(cards) < 1.5e6

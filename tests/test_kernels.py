@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from embtables.kernels import FusedLookup, RowwiseAdagrad, fbgemm_available
+from embtables.kernels import FusedLookup, RowwiseAdagrad
 from embtables.specs import TableSpec
 
-needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm_gpu does not import")
+from helpers import needs_fbgemm
 
 
 def random_bags(tables, batch, max_len, seed, empty_share=0.2):

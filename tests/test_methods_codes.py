@@ -4,28 +4,19 @@ import math
 
 import pytest
 import torch
-from torchrec import KeyedJaggedTensor
 
 from embtables.collection import EmbeddingCollection
 from embtables.errors import ConfigError
-from embtables.kernels import RowwiseAdagrad, fbgemm_available
+from embtables.kernels import RowwiseAdagrad
 from embtables.methods.binary_code import BinaryCode
 from embtables.methods.build import build_methods
 from embtables.methods.qr import QuotientRemainder
 from embtables.specs import FeatureSpec
 
-needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm_gpu does not import")
+from helpers import kjt, needs_fbgemm
+
 BACKENDS = ["torch", pytest.param("fbgemm", marks=needs_fbgemm)]
 RATIOS = [2, 10, 100, 1000]
-
-
-def kjt(bags: dict[str, list[list[int]]], weights: dict | None = None) -> KeyedJaggedTensor:
-    keys = list(bags)
-    values = [i for k in keys for bag in bags[k] for i in bag]
-    lengths = [len(bag) for k in keys for bag in bags[k]]
-    w = None if weights is None else torch.tensor([x for k in keys for bag in weights[k] for x in bag])
-    return KeyedJaggedTensor(keys=keys, values=torch.tensor(values, dtype=torch.int64),
-                             lengths=torch.tensor(lengths, dtype=torch.int64), weights=w)
 
 
 def collection(features, methods, backend="torch"):

@@ -4,18 +4,17 @@ import math
 
 import pytest
 import torch
-from torchrec import KeyedJaggedTensor
 
 from embtables.collection import EmbeddingCollection
 from embtables.errors import ConfigError
-from embtables.kernels import RowwiseAdagrad, cpu_fused_available, fbgemm_available
+from embtables.kernels import RowwiseAdagrad
 from embtables.methods.hashing import Hash
 from embtables.methods.multiplexed import Multiplexed
 from embtables.methods.salted_hash import salt_of, salted_hash
 from embtables.specs import FeatureSpec
 
-needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm_gpu does not import")
-needs_cpu_fused = pytest.mark.skipif(not cpu_fused_available(), reason="cpu_fused kernels are not built")
+from helpers import kjt, needs_cpu_fused, needs_fbgemm
+
 BACKENDS = ["torch", pytest.param("fbgemm", marks=needs_fbgemm), pytest.param("cpu_fused", marks=needs_cpu_fused)]
 M64 = (1 << 64) - 1
 
@@ -27,15 +26,6 @@ def splitmix_reference(x: int, salt: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
         return z ^ (z >> 31)
     return fmix((x * 0x9E3779B97F4A7C15 + fmix(salt)) & M64) & ((1 << 63) - 1)
-
-
-def kjt(bags: dict[str, list[list[int]]], weights: dict | None = None) -> KeyedJaggedTensor:
-    keys = list(bags)
-    values = [i for k in keys for bag in bags[k] for i in bag]
-    lengths = [len(bag) for k in keys for bag in bags[k]]
-    w = None if weights is None else torch.tensor([x for k in keys for bag in weights[k] for x in bag])
-    return KeyedJaggedTensor(keys=keys, values=torch.tensor(values, dtype=torch.int64),
-                             lengths=torch.tensor(lengths, dtype=torch.int64), weights=w)
 
 
 def collection(features, methods, backend, lr=0.1):

@@ -2,28 +2,13 @@
 import numpy as np
 import pytest
 import torch
-from torchrec import KeyedJaggedTensor
 
 from embtables.collection import EmbeddingCollection
 from embtables.errors import ConfigError
-from embtables.kernels import fbgemm_available
 from embtables.methods.low_rank import LowRank
 from embtables.specs import FeatureSpec
 
-needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm_gpu does not import")
-
-
-def zipf(name, rows, s=1.0):
-    return FeatureSpec(name, rows, counts=(1e6 / np.arange(1, rows + 1) ** s).astype(np.int64) + 1)
-
-
-def kjt(bags: dict, weights: dict | None = None):
-    keys = list(bags)
-    values = [i for k in keys for bag in bags[k] for i in bag]
-    lengths = [len(bag) for k in keys for bag in bags[k]]
-    w = None if weights is None else torch.tensor([x for k in keys for bag in weights[k] for x in bag])
-    return KeyedJaggedTensor(keys=keys, values=torch.tensor(values, dtype=torch.int64),
-                             lengths=torch.tensor(lengths, dtype=torch.int64), weights=w)
+from helpers import kjt, needs_fbgemm, random_batch, zipf
 
 
 def build(methods, features, dim=16, backend="torch", seed=0):
@@ -72,15 +57,6 @@ def test_factorized_output_is_factor_row_times_basis(ratio):
         assert out.shape == (len(BAGS), 1, 16)
         torch.testing.assert_close(out[:, 0], expected, rtol=1e-5, atol=1e-7)
         assert torch.all(out[4] == 0)
-
-
-def random_batch(features, batch, seed):
-    g = torch.Generator().manual_seed(seed)
-    bags = {}
-    for f in features:
-        lengths = torch.randint(0, 4, (batch,), generator=g)
-        bags[f.name] = [(torch.rand(int(n), generator=g).pow(3) * f.rows).long().tolist() for n in lengths]
-    return kjt(bags)
 
 
 @needs_fbgemm

@@ -4,31 +4,17 @@ import math
 import numpy as np
 import pytest
 import torch
-from torchrec import KeyedJaggedTensor
 
 from embtables.collection import EmbeddingCollection
-from embtables.kernels import fbgemm_available
 from embtables.methods.mixed_dim import MixedDim, geometric_ends
 from embtables.specs import FeatureSpec
 
-needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm_gpu does not import")
+from helpers import kjt, needs_fbgemm, random_batch, zipf
+
 
 # 16 ids in frequency order: 2 heavy (100 each), 4 medium (10), 10 light (1); total 250.
 COUNTS = np.array([100] * 2 + [10] * 4 + [1] * 10)
 HAND = FeatureSpec("hand", 16, counts=COUNTS)
-
-
-def zipf(name, rows, s=1.0):
-    return FeatureSpec(name, rows, counts=(1e6 / np.arange(1, rows + 1) ** s).astype(np.int64) + 1)
-
-
-def kjt(bags: dict[str, list[list[int]]], weights: dict | None = None):
-    keys = list(bags)
-    values = [i for k in keys for bag in bags[k] for i in bag]
-    lengths = [len(bag) for k in keys for bag in bags[k]]
-    w = None if weights is None else torch.tensor([x for k in keys for bag in weights[k] for x in bag])
-    return KeyedJaggedTensor(keys=keys, values=torch.tensor(values, dtype=torch.int64),
-                             lengths=torch.tensor(lengths, dtype=torch.int64), weights=w)
 
 
 def test_geometric_boundaries_by_hand():
@@ -149,15 +135,6 @@ def test_output_is_block_row_times_projection_with_multi_hot_and_empty_bags(rati
     with torch.no_grad():
         out_w = coll(kjt({"z": bags}, {"z": weights}))
     torch.testing.assert_close(out_w[:, 0], expected_vectors(m, coll, bags, weights), rtol=1e-5, atol=1e-7)
-
-
-def random_batch(features, batch, seed):
-    g = torch.Generator().manual_seed(seed)
-    bags = {}
-    for f in features:
-        lengths = torch.randint(0, 4, (batch,), generator=g)
-        bags[f.name] = [(torch.rand(int(n), generator=g).pow(3) * f.rows).long().tolist() for n in lengths]
-    return kjt(bags)
 
 
 @needs_fbgemm

@@ -84,7 +84,7 @@ def test_tiny_sweep_writes_csv_table_and_plot(tmp_path, config_file, synth, unre
     table = (out / "results.md").read_text()
     full_aucs = [float(by_cell["full", 1.0, s]["auc"]) for s in (0, 1)]
     mean, std = sum(full_aucs) / 2, abs(full_aucs[0] - full_aucs[1]) / math.sqrt(2)
-    assert f"| full | 1 | 1.0× |" in table and f"{mean:.4f} ± {std:.4f}" in table
+    assert "| full | 1 | 1.0× |" in table and f"{mean:.4f} ± {std:.4f}" in table
     assert "unreachable [1]" in table and "[1] unreach at 10×" in table
     assert "planted model's valid AUC" in table
     png = (out / "pareto.png").read_bytes()

@@ -1,0 +1,36 @@
+"""Shared test helpers: hand-made id batches, Zipf-counted features and backend markers."""
+import numpy as np
+import pytest
+import torch
+from torchrec import KeyedJaggedTensor
+
+from embtables.kernels import cpu_fused_available, fbgemm_available
+from embtables.specs import FeatureSpec
+
+needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm_gpu does not import")
+needs_cpu_fused = pytest.mark.skipif(not cpu_fused_available(), reason="cpu_fused kernels are not built")
+
+
+def kjt(bags: dict[str, list[list[int]]], weights: dict | None = None) -> KeyedJaggedTensor:
+    """{feature: [bag of ids per sample]} (and optional per-id weights, same shape) → a KJT."""
+    keys = list(bags)
+    values = [i for k in keys for bag in bags[k] for i in bag]
+    lengths = [len(bag) for k in keys for bag in bags[k]]
+    w = None if weights is None else torch.tensor([x for k in keys for bag in weights[k] for x in bag])
+    return KeyedJaggedTensor(keys=keys, values=torch.tensor(values, dtype=torch.int64),
+                             lengths=torch.tensor(lengths, dtype=torch.int64), weights=w)
+
+
+def zipf(name: str, rows: int, s: float = 1.0) -> FeatureSpec:
+    """A feature whose id i was seen ∝ (i+1)^-s times (ids are frequency-ordered)."""
+    return FeatureSpec(name, rows, counts=(1e6 / np.arange(1, rows + 1) ** s).astype(np.int64) + 1)
+
+
+def random_batch(features: list[FeatureSpec], batch: int, seed: int) -> KeyedJaggedTensor:
+    """0–3 ids a bag, skewed to the frequent (low) ids."""
+    g = torch.Generator().manual_seed(seed)
+    bags = {}
+    for f in features:
+        lengths = torch.randint(0, 4, (batch,), generator=g)
+        bags[f.name] = [(torch.rand(int(n), generator=g).pow(3) * f.rows).long().tolist() for n in lengths]
+    return kjt(bags)
