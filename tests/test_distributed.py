@@ -145,7 +145,7 @@ def test_arrow_rows_become_the_same_batch_and_consumed_rows_are_skipped(synth):
 
 
 # --- the sharded lookup without Ray ------------------------------------------------------
-def _sharded_equals_unsharded(rank, world, data, port, result_dir):
+def _sharded_equals_unsharded(rank, world, data, port, result_dir, sets=()):
     import torch.distributed as dist
 
     from embtables.pipelines.batches import iterate_batches
@@ -158,7 +158,7 @@ def _sharded_equals_unsharded(rank, world, data, port, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    cfg = load_config(None, [f"data.train={data}", "embedding.dim=6"])  # 6: padded to 8 for TBE
+    cfg = load_config(None, [f"data.train={data}", "embedding.dim=6", *sets])  # 6: padded to 8 for TBE
     inputs = resolve_inputs(cfg)
     torch.manual_seed(0)
     ref = build_model(cfg, inputs)
@@ -195,22 +195,31 @@ def _sharded_equals_unsharded(rank, world, data, port, result_dir):
     dist.destroy_process_group()
 
 
-def test_sharded_lookup_matches_the_fused_one_and_checkpoints_read_whole(synth, tmp_path):
+SHARED_TABLES = ("embedding.compression.method=multiplexed", "embedding.compression.ratio=4")
+
+
+@pytest.mark.parametrize("sets", [(), SHARED_TABLES], ids=["full", "multiplexed"])
+def test_sharded_lookup_matches_the_fused_one_and_checkpoints_read_whole(synth, tmp_path, sets):
     """Column-wise shards of padded (6 → 8) tables: same outputs as one process; the sharded
-    checkpoint loads into the single-process model with the same predictions."""
+    checkpoint loads into the single-process model with the same predictions. Multiplexed
+    reads one table under several lookup keys (TorchRec: one table, several feature names)."""
     import torch.multiprocessing as mp
 
     from embtables.pipelines.checkpoint import latest_checkpoint, load_checkpoint, load_model_state
     from embtables.pipelines.setup_run import build_model, resolve_inputs
     from embtables.pipelines.batches import iterate_batches
 
-    mp.spawn(_sharded_equals_unsharded, args=(2, synth, 29600 + os.getpid() % 300, tmp_path), nprocs=2)
+    port = 29600 + os.getpid() % 300 + 7 * len(sets)
+    mp.spawn(_sharded_equals_unsharded, args=(2, synth, port, tmp_path, sets), nprocs=2)
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     assert result["diff"] < 1e-6
-    assert all(len(t["ranks"]) == 2 for t in result["summary"]["tables"].values())  # every table split
-    cfg = load_config(None, [f"data.train={synth}", "embedding.dim=6"])
+    # Every table split (the multiplexed tables are 4 wide after padding: too narrow to split).
+    assert all(len(t["ranks"]) == 2 for t in result["summary"]["tables"].values() if not sets)
+    cfg = load_config(None, [f"data.train={synth}", "embedding.dim=6", *sets])
     inputs = resolve_inputs(cfg)
     model = build_model(cfg, inputs)
+    if sets:
+        assert len(model.embeddings.keys) > len(model.embeddings.tables)  # some table serves several keys
     state = load_checkpoint(latest_checkpoint(tmp_path))
     assert state["tables"][f"{model.embeddings.tables[0].name}.weight"].shape[1] == 6
     assert all(v.abs().sum() > 0 for k, v in state["tables"].items() if k.endswith(".momentum"))
