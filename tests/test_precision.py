@@ -141,3 +141,21 @@ def test_bf16_training_reaches_the_fp32_auc(tmp_path):
     assert runs["fp32"]["auc"] > 0.6
     assert abs(runs["bf16"]["auc"] - runs["fp32"]["auc"]) < 0.01
     assert runs["bf16"]["auc"] != runs["fp32"]["auc"]  # bf16 really ran
+
+
+def test_dense_bound_flop_count_matches_torchs_counter():
+    """The MLP FLOPs of one forward + backward, by formula, equal what torch counts in mm/addmm."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from embtables.models.dlrm import DLRM
+    from embtables.pipelines.dense_bound import dense_bound, mlp_flops_per_sample
+
+    shape = (13, 26, 16, [64, 32], [48, 24])
+    model, batch = DLRM(*shape), 8
+    embedded = torch.randn(batch, 26, 16, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.rand(batch, 13), embedded).sum().backward()
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    assert counts["aten.mm"] + counts["aten.addmm"] == mlp_flops_per_sample(*shape) * batch
+    bound = dense_bound(*shape, batch=64, steps=2)
+    assert bound["samples_per_sec"] > 0 and bound["gflop_per_step"] > mlp_flops_per_sample(*shape) * 64 / 1e9
