@@ -198,7 +198,7 @@ def predict(export, data, out, metrics_path=None, batch_size: int = 16384, split
     metrics = {"rows": row, "seconds": seconds, "rows_per_sec": row / max(seconds, 1e-9),
                "score_rows_per_sec": row / max(score_seconds, 1e-9), "export": str(export), "data": str(data),
                "precision": model.manifest["precision"], "backends": sorted(set(model.lookup.backends)),
-               "predictions": str(out)}
+               "threads": torch.get_num_threads(), "predictions": str(out)}
     if has_label:
         y, p = np.concatenate(labels), np.concatenate(probs)
         metrics.update(auc=roc_auc(y, p), logloss=log_loss(y, p))

@@ -331,10 +331,16 @@ def test_cli_export_and_predict(tmp_path, full_run, data, capsys):
     tmp, _ = data
     exp, pred, met = tmp_path / "e", tmp_path / "p.parquet", tmp_path / "m.json"
     assert cli_main(["export", str(full_run[0]), "--out", str(exp), "--quantize", "int4"]) == 0
-    assert cli_main(["predict", str(exp), str(tmp / "valid.parquet"), "--out", str(pred),
-                     "--metrics", str(met), "--quiet", "--batch-size", "100"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that only --threads can make it 1
+    try:
+        assert cli_main(["predict", str(exp), str(tmp / "valid.parquet"), "--out", str(pred),
+                         "--metrics", str(met), "--quiet", "--batch-size", "100", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     metrics = json.loads(met.read_text())
     assert metrics["rows"] == 800 and pq.read_table(pred).num_rows == 800 and metrics["rows_per_sec"] > 0
+    assert metrics["threads"] == 1
     assert cli_main(["predict", str(tmp_path / "nope"), str(tmp / "valid.parquet"), "--out", str(pred)]) == 2
     assert "no such export" in capsys.readouterr().err
 
