@@ -8,6 +8,7 @@ score + write; and model-only), on CPU.
     python benchmarks/export_bench.py --data /tmp/ml --work /tmp/export_bench_ml
     python benchmarks/export_bench.py --data /tmp/syn --work /tmp/export_bench_syn --ratio 10 \
         --set train.epochs=1 --set train.batch_size=2048
+    python benchmarks/export_bench.py --data /tmp/ml --work /tmp/export_bench_ml --report --wide
 """
 from __future__ import annotations
 
@@ -72,13 +73,34 @@ def table(rows: list[dict], trained: dict) -> str:
     return "\n".join(lines)
 
 
+def wide_table(rows: list[dict], trained: dict) -> str:
+    """One line per method: AUC (bytes vs the fp32 export) per precision, and the largest
+    files-on-disk / (embedding + dense bytes) over its exports."""
+    precisions = list(dict.fromkeys(r["precision"] for r in rows))
+    lines = ["| method | trained AUC | fp32 export ΔAUC | fp32 embedding bytes | "
+             + " | ".join(f"{p} AUC (bytes vs fp32)" for p in precisions if p != "none")
+             + " | on disk / counted (max) |",
+             "|---" * (len(precisions) + 4) + "|"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = {r["precision"]: r for r in rows if r["method"] == method}
+        fp32 = mine.get("none")
+        cells = [f"{mine[p]['auc']:.4f} ({mine[p]['embedding_bytes'] / mine[p]['fp32_embedding_bytes']:.1%})"
+                 if p in mine else "—" for p in precisions if p != "none"]
+        disk = max(r["tensor_file_bytes"] / (r["embedding_bytes"] + r["dense_bytes"]) for r in mine.values())
+        lines.append(f"| {method} | {trained[method]['auc']:.4f} | "
+                     f"{fp32['auc'] - trained[method]['auc']:+.4f} | {fp32['embedding_bytes']:,} | "
+                     if fp32 else f"| {method} | {trained[method]['auc']:.4f} | — | — | ")
+        lines[-1] += " | ".join(cells) + f" | {disk:.3f} |"
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="encoded dataset (embtables data …)")
     p.add_argument("--work", required=True, help="scratch dir for runs, exports, predictions")
     p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"))
-    p.add_argument("--methods", default=None, help="comma-separated (default: every registered method "
-                                                   "that trains from a plain config)")
+    p.add_argument("--methods", default=None, help="comma-separated (default: every registered method; "
+                                                   "optembed runs its three stages)")
     p.add_argument("--ratio", type=float, default=10.0, help="compression ratio of the non-full methods")
     p.add_argument("--precisions", default=",".join(PRECISIONS), help="e.g. none,int8,int4,binary,binary:2")
     p.add_argument("--binary-bits", type=int, default=1, help="bits per dim of a plain 'binary'")
@@ -86,9 +108,10 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=16384)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--report", action="store_true", help="only print the table of WORK/results.json")
+    p.add_argument("--wide", action="store_true", help="one line per method, a column per precision")
     args = p.parse_args(argv)
     work = Path(args.work)
-    methods = args.methods.split(",") if args.methods else [m for m in REGISTRY if m != "optembed"]
+    methods = args.methods.split(",") if args.methods else list(REGISTRY)
     if args.report:
         methods = []
     saved = work / "results.json"  # merged across invocations (e.g. one that only adds binary:2)
@@ -114,7 +137,8 @@ def main(argv=None) -> None:
     order = {m: i for i, m in enumerate(REGISTRY)}
     rank = lambda p: (PRECISIONS.index(p.partition(":")[0]), p)  # noqa: E731
     rows = sorted(results["rows"], key=lambda r: (order.get(r["method"], 99), rank(r["precision"])))
-    print(table(rows, results["trained"]))
+    print((wide_table if args.wide else table)(rows, results["trained"]))
+
 
 if __name__ == "__main__":
     main()
