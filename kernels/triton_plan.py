@@ -103,7 +103,7 @@ class Plan:
             raise ValueError("the Triton lookup needs one output dim for every method")
         self.tables = list(tables)
         index = {t.name: i for i, t in enumerate(self.tables)}
-        F, P = len(self.features), max(len(f.parts) for f in self.features)
+        P = max(len(f.parts) for f in self.features)
         self.max_parts = P
 
         def grid(get, fill=0):

@@ -11,7 +11,7 @@ import yaml
 from tqdm import tqdm
 
 from embtables.errors import EmbtablesError
-from embtables.pipelines.checkpoint import (latest_checkpoint, load_checkpoint, load_model_state, model_state,
+from embtables.pipelines.checkpoint import (latest_checkpoint, load_checkpoint, load_model_state,
                                             save_checkpoint, write_json_atomic)
 from embtables.pipelines.evaluate import evaluate
 from embtables.pipelines.precision import autocast_network

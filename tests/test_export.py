@@ -220,7 +220,7 @@ def test_quantized_exports(tmp_path, full_run, data, precision):
         assert abs(m["auc"] - metrics["auc"]) < 0.002
     else:
         assert m["auc"] > 0.55  # degraded at most, never broken
-    t = predict(out, data[1], tmp_path / "t.parquet", backend="torch", progress=False)
+    predict(out, data[1], tmp_path / "t.parquet", backend="torch", progress=False)
     assert np.allclose(pq.read_table(tmp_path / "p.parquet")["logit"].to_numpy(),
                        pq.read_table(tmp_path / "t.parquet")["logit"].to_numpy(), atol=1e-5)
 
