@@ -183,3 +183,23 @@ def test_bench_cli_parses_lists_and_runs_lazy_benches(tmp_path, monkeypatch):
     monkeypatch.setitem(bench_cli.EXTERNAL, "kernels", ("fake_bench", "add", "run", ""))
     bench_cli._external_runner("kernels")(types.SimpleNamespace(json=str(tmp_path / "k.json")))
     assert json.loads((tmp_path / "k.json").read_text()) == {"samples_per_sec": 123.0}
+
+
+@pytest.mark.slow  # starts a Ray cluster: ~30 s on 2 cores; run by `make test-slow` and CI
+def test_cells_run_as_ray_tasks_give_the_same_results(tmp_path, config_file, monkeypatch):
+    """With a Ray cluster up, cells run as Ray tasks (fractional CPUs) and train exactly as in-process."""
+    import ray
+
+    cfg = load_config(config_file)
+    here = run_tradeoff(cfg, tmp_path / "here", methods=["hash"], ratios=[10])
+    monkeypatch.setattr(tradeoff, "_run_here", lambda *a: pytest.fail("a cell ran in-process"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        on_ray = run_tradeoff(cfg, tmp_path / "ray", methods=["hash"], ratios=[10], cell_cpus=0.5)
+    finally:
+        ray.shutdown()
+    assert [r["method"] for r in on_ray] == [r["method"] for r in here] == ["full", "hash"]
+    for a, b in zip(here, on_ray):
+        assert a["status"] == b["status"] == "ok"
+        assert float(a["auc"]) == pytest.approx(float(b["auc"]), abs=1e-6)
+    assert (tmp_path / "ray" / "pareto.png").stat().st_size > 0
