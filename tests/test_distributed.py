@@ -305,6 +305,13 @@ def test_sigkill_then_resume_sees_every_row_exactly_epochs_times(synth, tmp_path
     # eval reads the sharded checkpoint whole, in one process
     scores = subprocess.run(CLI + ["eval", str(out)], cwd=ROOT, capture_output=True, text=True, check=True)
     assert abs(json.loads(scores.stdout)["auc"] - metrics["auc"]) < 1e-9
+    # export gathers the 2-rank checkpoint too; scoring through the export gives the same AUC
+    from embtables.export import export_run
+    from embtables.pipelines.predict import predict
+
+    exported = export_run(out, tmp_path / "export")
+    served = predict(exported, synth, tmp_path / "pred.parquet", split="valid", progress=False)
+    assert abs(served["auc"] - metrics["auc"]) < 1e-4
 
 
 @pytest.mark.slow  # whole Ray jobs: minutes on 2 cores; run by `make test-slow` and CI
