@@ -46,12 +46,38 @@ class EmbeddingCollection(nn.Module):
         self._method_order = covered
         # Position of each logical feature in the methods' concatenated output.
         self._output_order = [covered.index(f.name) for f in features]
+        gather = self._gather_columns()
+        self.register_buffer("_gather", gather, persistent=False)
+        # Each pooled column lands once (a permutation): its gradient is the inverse gather.
+        self.register_buffer("_scatter", None if gather is None else torch.argsort(gather), persistent=False)
+
+    def _gather_columns(self) -> torch.Tensor | None:
+        """When every method's combine only places columns: ONE gather from the lookup's output
+        to [B, F·d] in feature order (combine and the feature reordering in one copy, instead
+        of a split, a cat and a reorder each), else None."""
+        if self.sharded or self.fused_methods:
+            return None
+        dims = {t.name: t.dim for t in self.tables}
+        starts, col = {}, 0
+        for key, table in self.keys:
+            starts[key], col = col, col + dims[table]
+        per_method = [m.combine_columns(starts) for m in self.methods]
+        if any(c is None for c in per_method):
+            return None
+        columns = [c for cols in per_method for c in cols]  # features in method order
+        if sorted(columns) != list(range(col)):
+            return None  # not a permutation of the pooled columns
+        d = self.dim
+        return torch.tensor([c for i in self._output_order for c in columns[i * d:(i + 1) * d]])
 
     def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         index = {k: i for i, k in enumerate(sparse.keys())}
         ordered = sparse.permute([index[n] for n in self._method_order])
         if self.fused_methods:
             out = self.lookup(ordered)  # raw ids in method order → [B, F, d]
+        elif self._gather is not None:
+            out = _PermuteColumns.apply(self._pooled(ordered), self._gather, self._scatter)
+            return out.view(-1, len(self.features), self.dim)
         else:
             out = self._remap_lookup_combine(ordered)
         if self._output_order == sorted(self._output_order):  # already in feature order: no copy
@@ -59,17 +85,22 @@ class EmbeddingCollection(nn.Module):
         # index_select: its backward is a cheap index_add, advanced indexing's a slow scatter
         return out.index_select(1, torch.tensor(self._output_order, device=out.device))
 
-    def _remap_lookup_combine(self, ordered: KeyedJaggedTensor) -> torch.Tensor:
+    def _physical(self, ordered: KeyedJaggedTensor) -> KeyedJaggedTensor:
         parts = ordered.split([len(m.features) for m in self.methods])
-        physical = KeyedJaggedTensor.concat([m.remap(p) for m, p in zip(self.methods, parts)])
+        return KeyedJaggedTensor.concat([m.remap(p) for m, p in zip(self.methods, parts)])
+
+    def _pooled(self, ordered: KeyedJaggedTensor) -> torch.Tensor:
+        """[B, Σ key dims]: every lookup key's pooled rows, keys in order, from the fused lookup."""
+        physical = self._physical(ordered)
+        return self.lookup(physical.values().long(), physical.offsets().long(), physical.weights_or_none())
+
+    def _remap_lookup_combine(self, ordered: KeyedJaggedTensor) -> torch.Tensor:
         if self.sharded:  # TorchRec EBC: DistributedModelParallel places tables and communicates
-            pooled = self.lookup(physical)
+            pooled = self.lookup(self._physical(ordered))
         else:
-            values = physical.values().long()
-            offsets = physical.offsets().long()
-            pooled_all = self.lookup(values, offsets, physical.weights_or_none())
             dims = {t.name: t.dim for t in self.tables}
-            pooled = dict(zip((k for k, _ in self.keys), pooled_all.split([dims[t] for _, t in self.keys], 1)))
+            splits = self._pooled(ordered).split([dims[t] for _, t in self.keys], 1)
+            pooled = dict(zip((k for k, _ in self.keys), splits))
         return torch.cat([m.combine({k: pooled[k] for k, _ in m.lookups()}) for m in self.methods], dim=1)
 
     def use_sharded_lookup(self, lookup: nn.Module) -> None:
@@ -110,3 +141,17 @@ class EmbeddingCollection(nn.Module):
         return [EmbeddingBagConfig(name=t.name, embedding_dim=t.dim, num_embeddings=t.rows,
                                    feature_names=[k for k, n in self.keys if n == t.name],
                                    pooling=PoolingType.SUM) for t in self.tables]
+
+
+class _PermuteColumns(torch.autograd.Function):
+    """x[:, order] whose backward is the inverse gather g[:, inverse], not a scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -195,6 +196,13 @@ def _sharded_equals_unsharded(rank, world, data, port, result_dir, sets=()):
     dist.destroy_process_group()
 
 
+def free_port() -> int:
+    """A port nobody listens on now (the OS picks it), for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 SHARED_TABLES = ("embedding.compression.method=multiplexed", "embedding.compression.ratio=4")
 
 
@@ -209,8 +217,7 @@ def test_sharded_lookup_matches_the_fused_one_and_checkpoints_read_whole(synth, 
     from embtables.pipelines.setup_run import build_model, resolve_inputs
     from embtables.pipelines.batches import iterate_batches
 
-    port = 29600 + os.getpid() % 300 + 7 * len(sets)
-    mp.spawn(_sharded_equals_unsharded, args=(2, synth, port, tmp_path, sets), nprocs=2)
+    mp.spawn(_sharded_equals_unsharded, args=(2, synth, free_port(), tmp_path, sets), nprocs=2)
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     assert result["diff"] < 1e-6
     # Every table split (the multiplexed tables are 4 wide after padding: too narrow to split).
@@ -276,7 +283,7 @@ def test_padded_tables_train_exactly_like_unpadded_ones(synth, tmp_path):
     """dim 6 → TBE rows of 8: lr/eps scaled so row-wise Adagrad matches the torch reference."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_padded_training, args=(synth, 29300 + os.getpid() % 300, tmp_path), nprocs=1)
+    mp.spawn(_padded_training, args=(synth, free_port(), tmp_path), nprocs=1)
     assert torch.load(tmp_path / "padded.pt")["diff"] < 1e-5
 
 

@@ -8,6 +8,7 @@ import torch
 from embtables.collection import EmbeddingCollection
 from embtables.errors import ConfigError
 from embtables.kernels import RowwiseAdagrad
+from embtables.methods.full import Full
 from embtables.methods.hashing import Hash
 from embtables.methods.multiplexed import Multiplexed
 from embtables.methods.salted_hash import salt_of, salted_hash
@@ -254,3 +255,25 @@ def test_multiplexed_default_chunks_divide_the_dim():
     for dim, chunks in ((16, 4), (6, 2), (5, 1)):
         (m,) = Multiplexed.solve_group(FEATS, dim, ratio=10)
         assert (m.chunks, m.chunk_dim) == (chunks, dim // chunks)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_gather_combine_equals_each_methods_combine(backend):
+    """Full, hash and multiplexed only place columns, so the collection combines them in one
+    gather; outputs and the tables after a step equal the method-by-method path."""
+    feats = FEATS + [FeatureSpec("city", 500), FeatureSpec("zip", 40)]
+    ids = kjt({"user": [[1], [2], []], "item": [[4], [], [999]], "tags": [[0, 7], [], [49]],
+               "city": [[3], [4, 4], [5]], "zip": [[1], [2], [39]]})
+    results = []
+    for fast in (True, False):
+        methods = [Full(feats[4], 16), Multiplexed.solve_group(FEATS, 16, ratio=10)[0], Hash.solve(feats[3], 16, 10)]
+        emb = collection(feats, methods, backend)
+        assert emb._gather is not None  # every method here only places columns
+        if not fast:
+            emb._gather = None  # the general path: split, each method's combine, cat, reorder
+        out = emb(ids)
+        (out * torch.linspace(-1, 1, 16)).sum().backward()
+        results.append((out.detach(), [w.clone() for w in emb.lookup.table_weights()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)

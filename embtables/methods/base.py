@@ -51,6 +51,13 @@ class Method(nn.Module):
         """Pooled rows per lookup key ([B, table dim]) → [B, len(features), dim]."""
         raise NotImplementedError
 
+    def combine_columns(self, starts: dict[str, int]) -> list[int] | None:
+        """When `combine` only places pooled columns (no arithmetic): the columns of its output
+        ([B, F, d] flattened per sample), as positions in the lookup's output, where `starts`
+        gives each lookup key's first column. Lets the collection combine every such method
+        in one gather. None (the default): call `combine`."""
+        return None
+
     @classmethod
     def solve(cls, feature: FeatureSpec, dim: int, ratio: float, **options) -> "Method":
         """The method's hyperparameters chosen so that embedding_bytes ≤ full_bytes / ratio."""

@@ -29,6 +29,9 @@ class Full(Method):
     def combine(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
         return pooled[self.table_name].unsqueeze(1)
 
+    def combine_columns(self, starts: dict[str, int]) -> list[int]:
+        return list(range(starts[self.table_name], starts[self.table_name] + self.dim))
+
     @classmethod
     def solve(cls, feature: FeatureSpec, dim: int, ratio: float = 1.0, init_std: float = 0.01) -> "Full":
         return cls(feature, dim, init_std=init_std)

@@ -34,6 +34,9 @@ class Hash(Method):
     def combine(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
         return pooled[self.table_name].unsqueeze(1)
 
+    def combine_columns(self, starts: dict[str, int]) -> list[int]:
+        return list(range(starts[self.table_name], starts[self.table_name] + self.dim))
+
     def hyperparameters(self) -> dict:
         return {"rows": self.rows, "salt": self.salt,
                 "achieved_ratio": round(self.full_bytes() / self.embedding_bytes(), 3)}

@@ -86,6 +86,11 @@ class Multiplexed(Method):
         chunks = [torch.stack([pooled[keys[j * n + i]] for i in range(n)], dim=1) for j in range(self.chunks)]
         return torch.cat(chunks, dim=2)  # [B, F, c · d/c]
 
+    def combine_columns(self, starts: dict[str, int]) -> list[int]:
+        keys, n = self.slot_keys(), len(self.features)
+        return [starts[keys[j * n + i]] + k for i in range(n) for j in range(self.chunks)
+                for k in range(self.chunk_dim)]
+
     def hyperparameters(self) -> dict:
         return {"rows": self.rows, "chunks": self.chunks, "chunk_dim": self.chunk_dim, "tables": self.n_tables,
                 "achieved_ratio": round(self.full_bytes() / self.embedding_bytes(), 3)}
