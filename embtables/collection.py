@@ -31,6 +31,7 @@ class EmbeddingCollection(nn.Module):
         if len({k for k, _ in self.keys}) != len(self.keys):
             raise ValueError(f"lookup keys collide: {[k for k, _ in self.keys]}")
         index = {n: i for i, n in enumerate(names)}
+        self._key_dims = [self.tables[index[t]].dim for _, t in self.keys]  # columns each key pools
         # backend "sharded": no local tables; pipelines.sharding attaches a TorchRec lookup later.
         self.sharded = backend == "sharded"
         # backend "triton" (GPU, opt-in): remap + lookup + combine of every method in one kernel.
@@ -46,6 +47,7 @@ class EmbeddingCollection(nn.Module):
         self._method_order = covered
         # Position of each logical feature in the methods' concatenated output.
         self._output_order = [covered.index(f.name) for f in features]
+        self.register_buffer("_output_index", torch.tensor(self._output_order), persistent=False)
         gather = self._gather_columns()
         self.register_buffer("_gather", gather, persistent=False)
         # Each pooled column lands once (a permutation): its gradient is the inverse gather.
@@ -57,10 +59,9 @@ class EmbeddingCollection(nn.Module):
         of a split, a cat and a reorder each), else None."""
         if self.sharded or self.fused_methods:
             return None
-        dims = {t.name: t.dim for t in self.tables}
         starts, col = {}, 0
-        for key, table in self.keys:
-            starts[key], col = col, col + dims[table]
+        for (key, _), dim in zip(self.keys, self._key_dims):
+            starts[key], col = col, col + dim
         per_method = [m.combine_columns(starts) for m in self.methods]
         if any(c is None for c in per_method):
             return None
@@ -83,7 +84,7 @@ class EmbeddingCollection(nn.Module):
         if self._output_order == sorted(self._output_order):  # already in feature order: no copy
             return out
         # index_select: its backward is a cheap index_add, advanced indexing's a slow scatter
-        return out.index_select(1, torch.tensor(self._output_order, device=out.device))
+        return out.index_select(1, self._output_index)
 
     def _physical(self, ordered: KeyedJaggedTensor) -> KeyedJaggedTensor:
         parts = ordered.split([len(m.features) for m in self.methods])
@@ -98,8 +99,7 @@ class EmbeddingCollection(nn.Module):
         if self.sharded:  # TorchRec EBC: DistributedModelParallel places tables and communicates
             pooled = self.lookup(self._physical(ordered))
         else:
-            dims = {t.name: t.dim for t in self.tables}
-            splits = self._pooled(ordered).split([dims[t] for _, t in self.keys], 1)
+            splits = self._pooled(ordered).split(self._key_dims, 1)
             pooled = dict(zip((k for k, _ in self.keys), splits))
         return torch.cat([m.combine({k: pooled[k] for k, _ in m.lookups()}) for m in self.methods], dim=1)
 

@@ -201,8 +201,7 @@ def _embedding_tensors(emb, tables: dict, quantize: str, binary_bits: int, ckpt:
             entry["tensors"][k] = {"tensor": name, "encoding": encoding, "dtype": str(v.dtype).removeprefix("torch."),
                                    "shape": list(v.shape), "parts": layout, "bytes": stored_bytes(parts)}
         # (remap key, table) pairs: a key per table, unless several keys share one (multiplexed).
-        entry["lookups"] = [list(p) for p in m.lookups()] if hasattr(m, "lookups") else \
-            [[t.name, t.name] for t in m.physical_tables()]
+        entry["lookups"] = [list(p) for p in m.lookups()]
         method_entries.append(entry)
     return tensors, table_entries, method_entries
 

@@ -204,7 +204,7 @@ def run_throughput_bench(args) -> dict:
         report["bf16_auc_within_0.001_of_fp32"] = abs(delta) <= 0.001
         report["bf16_speedup_vs_fp32"] = report["ours_bf16"]["samples_per_sec"] / report["ours_fp32"]["samples_per_sec"]
     # The dense part alone bounds any end-to-end figure (see pipelines/dense_bound.py).
-    report["dense_only"] = {p: dense_bound(13, 26, DIM, BOTTOM, TOP, args.batch, p) for p in precisions}
+    report["dense_only"] = {p: dense_bound(13, 26, DIM, BOTTOM, TOP, args.batch, p, lr=args.dense_lr) for p in precisions}
     if not args.skip_torchrec:
         report["torchrec_dlrm"] = run_torchrec(args, dataset)
         torchrec = report["torchrec_dlrm"]["samples_per_sec"]

@@ -13,6 +13,7 @@ import time
 import torch
 
 from embtables.models.dlrm import DLRM
+from embtables.pipelines.train import make_optimizer
 
 
 def mlp_flops_per_sample(n_dense: int, n_sparse: int, dim: int, bottom: list[int], top: list[int]) -> int:
@@ -48,11 +49,11 @@ def matmul_gflops(rows: int, inner: int, cols: int, dtype: torch.dtype, steps: i
 
 
 def dense_bound(n_dense: int, n_sparse: int, dim: int, bottom: list[int], top: list[int], batch: int,
-                precision: str = "fp32", steps: int = 20, seed: int = 0) -> dict:
+                precision: str = "fp32", steps: int = 20, seed: int = 0, lr: float = 0.01) -> dict:
     """ms per step and samples/s of the dense part alone (fwd + bwd + Adagrad)."""
     torch.manual_seed(seed)
     model = DLRM(n_dense, n_sparse, dim, bottom, top)
-    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.01, fused=True)  # as training does
+    optimizer = make_optimizer({"optimizer": "adagrad", "lr": lr, "weight_decay": 0.0}, model.parameters())
     dense = torch.rand(batch, n_dense)
     embedded = torch.randn(batch, n_sparse, dim, requires_grad=True)
     label = (torch.rand(batch) < 0.25).float()

@@ -84,9 +84,8 @@ class Reference:
             start += len(m.features)
             part = KeyedJaggedTensor.concat([_one(kjt, k) for k in keys])
             physical = m.remap(part)
-            lookups = m.lookups() if hasattr(m, "lookups") else [(t.name, t.name) for t in m.physical_tables()]
             pooled = {}
-            for key, table in lookups:
+            for key, table in m.lookups():
                 jt = physical[key]
                 self.used[table].append(jt.values())
                 pooled[key] = F.embedding_bag(jt.values(), self.weights[table], jt.offsets()[:-1], mode="sum",
