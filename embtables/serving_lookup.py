@@ -13,20 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from embtables.errors import ExportError
+from embtables.kernels.fbgemm_lookup import fbgemm_module_loads
 from embtables.quantize import dequantize_table, per_row_scale_bias, rows_per_scale
 
 BACKENDS = ("auto", "fbgemm", "torch")
 
 
 def fbgemm_nbit_available() -> bool:
-    try:
-        import fbgemm_gpu  # noqa: F401
-        from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (  # noqa: F401
-            IntNBitTableBatchedEmbeddingBagsCodegen,
-        )
-    except Exception:  # ImportError, or an undefined symbol from a mismatched build
-        return False
-    return True
+    """FBGEMM's inference (IntNBit) TBE loads here."""
+    return fbgemm_module_loads("split_table_batched_embeddings_ops_inference",
+                               "IntNBitTableBatchedEmbeddingBagsCodegen")
 
 
 def fbgemm_fits(table: dict, stored: dict[str, torch.Tensor]) -> bool:

@@ -4,6 +4,8 @@ Row-wise Adagrad runs inside the TBE backward (EXACT_ROWWISE_ADAGRAD), on CPU or
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
@@ -11,15 +13,18 @@ from embtables.kernels.optimizer import RowwiseAdagrad, initial_weights
 from embtables.specs import TableSpec
 
 
-def fbgemm_available() -> bool:
+def fbgemm_module_loads(module: str, name: str) -> bool:
+    """fbgemm_gpu imports (registering torch.ops.fbgemm) and `fbgemm_gpu.<module>` has `name`."""
     try:
-        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
-        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (  # noqa: F401
-            SplitTableBatchedEmbeddingBagsCodegen,
-        )
+        return hasattr(importlib.import_module(f"fbgemm_gpu.{module}"), name)
     except Exception:  # ImportError, or an undefined symbol from a mismatched build
         return False
-    return True
+
+
+def fbgemm_available() -> bool:
+    """FBGEMM's training TBE loads here."""
+    return fbgemm_module_loads("split_table_batched_embeddings_ops_training",
+                               "SplitTableBatchedEmbeddingBagsCodegen")
 
 
 def fbgemm_supports(table: TableSpec) -> bool:

@@ -34,3 +34,24 @@ def random_batch(features: list[FeatureSpec], batch: int, seed: int) -> KeyedJag
         lengths = torch.randint(0, 4, (batch,), generator=g)
         bags[f.name] = [(torch.rand(int(n), generator=g).pow(3) * f.rows).long().tolist() for n in lengths]
     return kjt(bags)
+
+
+def assert_torch_and_fbgemm_agree(make, features: list[FeatureSpec]):
+    """`make(backend)` builds one collection; both backends give the same [64, F, 16] outputs.
+    Returns the FBGEMM collection (for backend assertions)."""
+    ref, fused = make("torch"), make("fbgemm")
+    assert "fbgemm" in fused.lookup.backends
+    batch = random_batch(features, 64, 0)
+    with torch.no_grad():
+        a, b = ref(batch), fused(batch)
+    assert a.shape == (64, len(features), 16)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    return fused
+
+
+def assert_a_step_changes_every_table(coll, features: list[FeatureSpec]) -> None:
+    """One backward of a squared-sum loss moves every physical table (row-wise Adagrad in backward)."""
+    before = [w.clone() for w in coll.lookup.table_weights()]
+    (coll(random_batch(features, 256, 1)) ** 2).sum().backward()
+    for t, w0, w1 in zip(coll.tables, before, coll.lookup.table_weights()):
+        assert not torch.equal(w0, w1), f"table {t.name} did not change"

@@ -146,30 +146,42 @@ def test_arrow_rows_become_the_same_batch_and_consumed_rows_are_skipped(synth):
 
 
 # --- the sharded lookup without Ray ------------------------------------------------------
-def _sharded_equals_unsharded(rank, world, data, port, result_dir, sets=()):
+def _reference_and_sharded(rank, world, port, sets, sharding):
+    """In a spawned process: join a gloo group, then build the single-process model and the same
+    model under DistributedModelParallel with the reference's initial tables.
+    Returns (cfg, inputs, ref, model, dmp, plan)."""
     import torch.distributed as dist
 
-    from embtables.pipelines.batches import iterate_batches
-    from embtables.pipelines.dist_checkpoint import save_sharded
     from embtables.pipelines.setup_run import build_model, resolve_inputs
-    from embtables.pipelines.sharding import (attach_sharded_lookup, load_full_tables, plan_sharding,
-                                              plan_summary, shard_model)
-    from embtables.pipelines.train import make_model_optimizer
+    from embtables.pipelines.sharding import attach_sharded_lookup, load_full_tables, plan_sharding, shard_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    cfg = load_config(None, [f"data.train={data}", "embedding.dim=6", *sets])  # 6: padded to 8 for TBE
+    cfg = load_config(None, sets)
     inputs = resolve_inputs(cfg)
     torch.manual_seed(0)
     ref = build_model(cfg, inputs)
     torch.manual_seed(0)
     model = build_model(cfg, inputs, backend="sharded")
     attach_sharded_lookup(model, cfg["embedding"]["lr"], cfg["embedding"]["eps"])
-    plan, sharders = plan_sharding(model, world, "column_wise", torch.device("cpu"), 64)
+    plan, sharders = plan_sharding(model, world, sharding, torch.device("cpu"), 64)
     dmp = shard_model(model, plan, sharders, torch.device("cpu"))
     weights = dict(zip([t.name for t in ref.embeddings.tables], ref.embeddings.lookup.table_weights()))
     load_full_tables(dmp, lambda name: weights[name])
+    return cfg, inputs, ref, model, dmp, plan
+
+
+def _sharded_equals_unsharded(rank, world, data, port, result_dir, sets=()):
+    import torch.distributed as dist
+
+    from embtables.pipelines.batches import iterate_batches
+    from embtables.pipelines.dist_checkpoint import save_sharded
+    from embtables.pipelines.sharding import plan_summary
+    from embtables.pipelines.train import make_model_optimizer
+
+    sets = [f"data.train={data}", "embedding.dim=6", *sets]  # 6: padded to 8 for TBE
+    cfg, inputs, ref, model, dmp, plan = _reference_and_sharded(rank, world, port, sets, "column_wise")
     batch = next(iterate_batches(inputs.dataset, "valid", 64, shuffle=False))
     ref.eval()
     dmp.eval()
@@ -242,24 +254,10 @@ def _padded_training(rank, data, port, result_dir):
     import torch.distributed as dist
 
     from embtables.pipelines.batches import iterate_batches
-    from embtables.pipelines.setup_run import build_model, resolve_inputs
-    from embtables.pipelines.sharding import attach_sharded_lookup, load_full_tables, plan_sharding, shard_model
     from embtables.pipelines.train import make_model_optimizer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    torch.set_num_threads(1)
-    cfg = load_config(None, [f"data.train={data}", "embedding.dim=6", "embedding.backend=torch"])
-    inputs = resolve_inputs(cfg)
-    torch.manual_seed(0)
-    ref = build_model(cfg, inputs)
-    torch.manual_seed(0)
-    model = build_model(cfg, inputs, backend="sharded")
-    attach_sharded_lookup(model, cfg["embedding"]["lr"], cfg["embedding"]["eps"])
-    plan, sharders = plan_sharding(model, 1, None, torch.device("cpu"), 64)
-    dmp = shard_model(model, plan, sharders, torch.device("cpu"))
-    weights = dict(zip([t.name for t in ref.embeddings.tables], ref.embeddings.lookup.table_weights()))
-    load_full_tables(dmp, lambda name: weights[name])
+    sets = [f"data.train={data}", "embedding.dim=6", "embedding.backend=torch"]
+    cfg, inputs, ref, model, dmp, _ = _reference_and_sharded(0, 1, port, sets, None)
     optimizers = [(ref, make_model_optimizer(cfg["train"], ref)), (dmp, make_model_optimizer(cfg["train"], model))]
     for i, batch in enumerate(iterate_batches(inputs.dataset, "train", 128, shuffle=False)):
         if i == 10:

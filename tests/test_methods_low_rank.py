@@ -8,7 +8,7 @@ from embtables.errors import ConfigError
 from embtables.methods.low_rank import LowRank
 from embtables.specs import FeatureSpec
 
-from helpers import kjt, needs_fbgemm, random_batch, zipf
+from helpers import assert_a_step_changes_every_table, assert_torch_and_fbgemm_agree, kjt, needs_fbgemm, zipf
 
 
 def build(methods, features, dim=16, backend="torch", seed=0):
@@ -65,23 +65,15 @@ def test_torch_and_fbgemm_backends_agree_in_a_dlrm_like_use():
     torch.manual_seed(0)
     methods = [LowRank.solve(features[0], 16, 2), LowRank.solve(features[1], 16, 5),
                LowRank.from_trained(features[2], torch.randn(50, 16), rank=8)]
-    ref, fused = build(methods, features, backend="torch", seed=2), build(methods, features, backend="fbgemm", seed=2)
-    assert "fbgemm" in fused.lookup.backends and "torch" in fused.lookup.backends
-    batch = random_batch(features, 64, 0)
-    with torch.no_grad():
-        a, b = ref(batch), fused(batch)
-    assert a.shape == (64, 3, 16)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    fused = assert_torch_and_fbgemm_agree(lambda backend: build(methods, features, backend=backend, seed=2),
+                                          features)
+    assert "torch" in fused.lookup.backends
 
 
 def test_gradients_reach_every_table_and_the_basis():
     features = [zipf("a", 2000), FeatureSpec("b", 300)]
     methods = [LowRank.solve(features[0], 16, 8), LowRank.from_trained(features[1], torch.randn(300, 16), rank=3)]
-    coll = build(methods, features)
-    before = [w.clone() for w in coll.lookup.table_weights()]
-    (coll(random_batch(features, 256, 1)) ** 2).sum().backward()
-    for t, w0, w1 in zip(coll.tables, before, coll.lookup.table_weights()):
-        assert not torch.equal(w0, w1), f"table {t.name} did not change"
+    assert_a_step_changes_every_table(build(methods, features), features)
     assert all(m.basis.grad is not None and m.basis.grad.abs().sum() > 0 for m in methods)
 
 

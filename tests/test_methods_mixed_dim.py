@@ -9,7 +9,7 @@ from embtables.collection import EmbeddingCollection
 from embtables.methods.mixed_dim import MixedDim, geometric_ends
 from embtables.specs import FeatureSpec
 
-from helpers import kjt, needs_fbgemm, random_batch, zipf
+from helpers import assert_a_step_changes_every_table, assert_torch_and_fbgemm_agree, kjt, needs_fbgemm, zipf
 
 
 # 16 ids in frequency order: 2 heavy (100 each), 4 medium (10), 10 light (1); total 250.
@@ -143,24 +143,13 @@ def test_torch_and_fbgemm_backends_agree_in_a_dlrm_like_use():
     torch.manual_seed(0)
     methods = [MixedDim.solve(features[0], 16, 10), MixedDim.solve(features[1], 16, 4, align=4),
                MixedDim.solve(features[2], 16, 3)]
-    ref, fused = build(methods, features, "torch", 1), build(methods, features, "fbgemm", 1)
-    assert "fbgemm" in fused.lookup.backends
-    batch = random_batch(features, 64, 0)
-    with torch.no_grad():
-        a, b = ref(batch), fused(batch)
-    assert a.shape == (64, 3, 16)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_torch_and_fbgemm_agree(lambda backend: build(methods, features, backend, 1), features)
 
 
 def test_gradients_reach_tables_and_projections():
     features = [zipf("a", 1000), zipf("b", 300)]
     methods = MixedDim.solve_group(features, 16, 8)
-    coll = build(methods, features)
-    before = [w.clone() for w in coll.lookup.table_weights()]
-    out = coll(random_batch(features, 256, 1))
-    (out ** 2).sum().backward()
-    for t, w0, w1 in zip(coll.tables, before, coll.lookup.table_weights()):
-        assert not torch.equal(w0, w1), f"table {t.name} did not change"
+    assert_a_step_changes_every_table(build(methods, features), features)
     params = [p for m in methods for p in m.parameters()]
     assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
