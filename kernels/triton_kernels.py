@@ -53,6 +53,27 @@ def _derive_rows(x, kind, a, b, scr_on, scr_bits, scr_half, scr_mult, CODE_BITS:
 
 
 @triton.jit
+def _scramble(scr_p, hasscr_p, f):
+    """Feature f's binary_code scramble: (on, bits, half, mult)."""
+    return tl.load(hasscr_p + f), tl.load(scr_p + f * 3), tl.load(scr_p + f * 3 + 1), tl.load(scr_p + f * 3 + 2)
+
+
+@triton.jit
+def _chunk_rows(ids, psw, s, end_p, kind, a, b, weighted, rows, scr_on, scr_bits, scr_half, scr_mult,
+                HAS_PSW: tl.constexpr, BLOCK_L: tl.constexpr, CODE_BITS: tl.constexpr):
+    """Positions s… of a bag (up to end_p): (positions, in-bag mask, derived rows, valid mask, weights)."""
+    pos = s + tl.arange(0, BLOCK_L)
+    pm = pos < end_p
+    x = tl.load(ids + pos, mask=pm, other=0)
+    r = _derive_rows(x, kind, a, b, scr_on, scr_bits, scr_half, scr_mult, CODE_BITS)
+    ok = pm & (r >= 0) & (r < rows)
+    w = tl.full([BLOCK_L], 1.0, tl.float32)
+    if HAS_PSW:
+        w = tl.where(weighted != 0, tl.load(psw + pos, mask=pm, other=0.0), w)
+    return pos, pm, r, ok, w
+
+
+@triton.jit
 def forward_kernel(ids, offsets, psw, weight, kind_p, a_p, b_p, col_p, weighted_p, table_p, nparts_p, op_p,
                    scr_p, hasscr_p, t_rows, t_dim, t_off, out, parts_out, B, F, OUT_D,
                    HAS_PSW: tl.constexpr, P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -63,10 +84,7 @@ def forward_kernel(ids, offsets, psw, weight, kind_p, a_p, b_p, col_p, weighted_
     end = tl.load(offsets + f * B + bag + 1)
     n = tl.load(nparts_p + f)
     op = tl.load(op_p + f)
-    scr_on = tl.load(hasscr_p + f)
-    scr_bits = tl.load(scr_p + f * 3)
-    scr_half = tl.load(scr_p + f * 3 + 1)
-    scr_mult = tl.load(scr_p + f * 3 + 2)
+    scr_on, scr_bits, scr_half, scr_mult = _scramble(scr_p, hasscr_p, f)
     cols = tl.arange(0, BLOCK_D)
     total = tl.zeros([BLOCK_D], tl.float32)
     prod = tl.full([BLOCK_D], 1.0, tl.float32)
@@ -88,14 +106,8 @@ def forward_kernel(ids, offsets, psw, weight, kind_p, a_p, b_p, col_p, weighted_
         dim_p = tl.where(live, dim, 0)
         acc = tl.zeros([BLOCK_D], tl.float32)
         for s in range(start, end_p, BLOCK_L):
-            pos = s + tl.arange(0, BLOCK_L)
-            pm = pos < end_p
-            x = tl.load(ids + pos, mask=pm, other=0)
-            r = _derive_rows(x, kind, a, b, scr_on, scr_bits, scr_half, scr_mult, CODE_BITS)
-            ok = pm & (r >= 0) & (r < rows)
-            w = tl.full([BLOCK_L], 1.0, tl.float32)
-            if HAS_PSW:
-                w = tl.where(weighted != 0, tl.load(psw + pos, mask=pm, other=0.0), w)
+            pos, pm, r, ok, w = _chunk_rows(ids, psw, s, end_p, kind, a, b, weighted, rows, scr_on, scr_bits,
+                                            scr_half, scr_mult, HAS_PSW, BLOCK_L, CODE_BITS)
             tile = tl.load(weight + base + r[:, None] * dim + cols[None, :],
                            mask=ok[:, None] & (cols < dim_p)[None, :], other=0.0)
             acc += tl.sum(tile * w[:, None], axis=0)
@@ -142,10 +154,7 @@ def expand_kernel(ids, offsets, psw, kind_p, a_p, b_p, weighted_p, table_p, npar
     start = tl.load(offsets + f * B + bag)
     end = tl.load(offsets + f * B + bag + 1)
     n = tl.load(nparts_p + f)
-    scr_on = tl.load(hasscr_p + f)
-    scr_bits = tl.load(scr_p + f * 3)
-    scr_half = tl.load(scr_p + f * 3 + 1)
-    scr_mult = tl.load(scr_p + f * 3 + 2)
+    scr_on, scr_bits, scr_half, scr_mult = _scramble(scr_p, hasscr_p, f)
     for p in tl.static_range(P):
         fp = f * P + p
         kind = tl.load(kind_p + fp)
@@ -156,14 +165,8 @@ def expand_kernel(ids, offsets, psw, kind_p, a_p, b_p, weighted_p, table_p, npar
         rows = tl.load(t_rows + t)
         end_p = tl.where(p < n, end, start)
         for s in range(start, end_p, BLOCK_L):
-            pos = s + tl.arange(0, BLOCK_L)
-            pm = pos < end_p
-            x = tl.load(ids + pos, mask=pm, other=0)
-            r = _derive_rows(x, kind, a, b, scr_on, scr_bits, scr_half, scr_mult, CODE_BITS)
-            ok = pm & (r >= 0) & (r < rows)
-            w = tl.full([BLOCK_L], 1.0, tl.float32)
-            if HAS_PSW:
-                w = tl.where(weighted != 0, tl.load(psw + pos, mask=pm, other=0.0), w)
+            pos, pm, r, ok, w = _chunk_rows(ids, psw, s, end_p, kind, a, b, weighted, rows, scr_on, scr_bits,
+                                            scr_half, scr_mult, HAS_PSW, BLOCK_L, CODE_BITS)
             entry = pos * P + p
             tl.store(keys + entry, tl.where(ok, (t << 40) | r, -1), mask=pm)
             tl.store(sources + entry, (bag * F + f) * P + p + pos * 0, mask=pm)
