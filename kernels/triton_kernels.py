@@ -59,6 +59,14 @@ def _scramble(scr_p, hasscr_p, f):
 
 
 @triton.jit
+def _part(kind_p, a_p, b_p, weighted_p, table_p, t_rows, fp):
+    """Part descriptor fp = feature·P + part: (kind, a, b, weighted, table, table rows)."""
+    t = tl.load(table_p + fp)
+    kind, a, b, weighted = tl.load(kind_p + fp), tl.load(a_p + fp), tl.load(b_p + fp), tl.load(weighted_p + fp)
+    return kind, a, b, weighted, t, tl.load(t_rows + t)
+
+
+@triton.jit
 def _chunk_rows(ids, psw, s, end_p, kind, a, b, weighted, rows, scr_on, scr_bits, scr_half, scr_mult,
                 HAS_PSW: tl.constexpr, BLOCK_L: tl.constexpr, CODE_BITS: tl.constexpr):
     """Positions s… of a bag (up to end_p): (positions, in-bag mask, derived rows, valid mask, weights)."""
@@ -91,13 +99,8 @@ def forward_kernel(ids, offsets, psw, weight, kind_p, a_p, b_p, col_p, weighted_
     out_row = out + (bag * F + f) * OUT_D
     for p in tl.static_range(P):
         fp = f * P + p
-        kind = tl.load(kind_p + fp)
-        a = tl.load(a_p + fp)
-        b = tl.load(b_p + fp)
+        kind, a, b, weighted, t, rows = _part(kind_p, a_p, b_p, weighted_p, table_p, t_rows, fp)
         col = tl.load(col_p + fp)
-        weighted = tl.load(weighted_p + fp)
-        t = tl.load(table_p + fp)
-        rows = tl.load(t_rows + t)
         dim = tl.load(t_dim + t)
         base = tl.load(t_off + t)
         # Scalar conditions are folded into the bounds (parts past n_parts cover nothing).
@@ -156,13 +159,7 @@ def expand_kernel(ids, offsets, psw, kind_p, a_p, b_p, weighted_p, table_p, npar
     n = tl.load(nparts_p + f)
     scr_on, scr_bits, scr_half, scr_mult = _scramble(scr_p, hasscr_p, f)
     for p in tl.static_range(P):
-        fp = f * P + p
-        kind = tl.load(kind_p + fp)
-        a = tl.load(a_p + fp)
-        b = tl.load(b_p + fp)
-        weighted = tl.load(weighted_p + fp)
-        t = tl.load(table_p + fp)
-        rows = tl.load(t_rows + t)
+        kind, a, b, weighted, t, rows = _part(kind_p, a_p, b_p, weighted_p, table_p, t_rows, f * P + p)
         end_p = tl.where(p < n, end, start)
         for s in range(start, end_p, BLOCK_L):
             pos, pm, r, ok, w = _chunk_rows(ids, psw, s, end_p, kind, a, b, weighted, rows, scr_on, scr_bits,
