@@ -26,8 +26,8 @@ setup(
     version="0.1.0",
     description="Train CTR models with compressed, sharded embedding tables",
     python_requires=">=3.10",
-    packages=["embtables", "embtables.methods", "embtables.models",
-              "embtables.kernels", "embtables.pipelines"],
+    packages=["embtables", "embtables.methods", "embtables.models", "embtables.serving", "embtables.kernels",
+              "embtables.pipelines", *(f"embtables.pipelines.{job}" for job in ("data", "train", "serve", "bench", "cli"))],
     package_dir={"embtables": "embtables",
                  "embtables.kernels": "kernels",
                  "embtables.pipelines": "pipelines"},
@@ -45,5 +45,5 @@ setup(
         "test": ["pytest", "triton"],
     },
     ext_modules=[cpu_fused],
-    entry_points={"console_scripts": ["embtables=embtables.cli:main"]},
+    entry_points={"console_scripts": ["embtables=embtables.pipelines.cli.main:main"]},
 )

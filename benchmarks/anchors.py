@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from embtables.pipelines.tradeoff_report import read_csv, summarize
+from embtables.pipelines.bench.tradeoff_report import read_csv, summarize
 
 # Zhang et al. VLDB'24 report no uncompressed point on Criteo; their 1/4 budget is the reference.
 ZHANG_AUC = {4: 0.8086, 100: 0.8073, 1000: 0.8033, 100000: 0.8022}

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def ensure_data(work: Path, rows: int) -> Path:
-    from embtables.pipelines.ingest_synth import ingest
+    from embtables.pipelines.data.ingest_synth import ingest
 
     data = work / f"criteo26-{rows}"
     if not (data / "stats.json").is_file():
@@ -36,7 +36,7 @@ def settings(data: Path, method: str, ratio: float, epochs: int, batch: int, wor
 
 def single_process(out: Path, sets: list[str]) -> dict:
     """The in-process job in a child process, so its peak RSS is its own."""
-    run_cli = ("import resource, sys; from embtables.cli import main; code = main(sys.argv[1:]); "
+    run_cli = ("import resource, sys; from embtables.pipelines.cli.main import main; code = main(sys.argv[1:]); "
                "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
     cmd = [sys.executable, "-c", run_cli, "train", str(ROOT / "configs" / "synth_dlrm.yaml"),
            "--out", str(out), "--quiet"] + [a for s in sets for a in ("--set", s)]
@@ -49,7 +49,7 @@ def single_process(out: Path, sets: list[str]) -> dict:
 
 def ray_job(out: Path, sets: list[str]) -> dict:
     from embtables.config import load_config
-    from embtables.pipelines.distributed import train_distributed
+    from embtables.pipelines.train.distributed import train_distributed
 
     cfg = load_config(ROOT / "configs" / "synth_dlrm.yaml", sets)
     return train_distributed(cfg, out, address="auto")  # joins the cluster started in main()
@@ -81,7 +81,7 @@ def main() -> None:
                 m = single_process(out, sets)
             else:
                 if not ray.is_initialized():
-                    from embtables.pipelines.distributed import _quiet_logs
+                    from embtables.pipelines.train.distributed import _quiet_logs
 
                     ray.init(include_dashboard=False, logging_config=_quiet_logs())
                 m = ray_job(out, sets)

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 from embtables.config import load_config
-from embtables.export import export_run
+from embtables.pipelines.serve.export import export_run
 from embtables.methods import REGISTRY
-from embtables.pipelines.predict import predict
-from embtables.pipelines.train import train
+from embtables.pipelines.serve.predict import predict
+from embtables.pipelines.train.local import train
 
 PRECISIONS = ("none", "int8", "int4", "binary")
 

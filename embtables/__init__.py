@@ -2,7 +2,7 @@
 
 
 def load(path, device="cpu", backend="auto", verify=True):
-    """The inference module of an export dir (see embtables.inference.load)."""
-    from embtables.inference import load as _load  # lazy: `import embtables` stays light
+    """The inference module of an export dir (see embtables.serving.inference.load)."""
+    from embtables.serving.inference import load as _load  # lazy: `import embtables` stays light
 
     return _load(path, device=device, backend=backend, verify=verify)

@@ -28,7 +28,7 @@ def _derive_rows(x, kind, a, b, scr_on, scr_bits, scr_half, scr_mult, CODE_BITS:
     """Raw ids [L] → rows [L] of one part (kinds: 0 id, 1 hash, 2 div, 3 mod, 4 code bits)."""
     safe_a = tl.maximum(a, 1)
     safe_b = tl.maximum(b, 1)
-    # Salted hash exactly as methods/salted_hash.py: mix64(id·φ + mix64(salt)), top bit dropped.
+    # Salted hash exactly as embtables/hashing.py: mix64(id·φ + mix64(salt)), top bit dropped.
     h = _mix64(x.to(tl.uint64) * 0x9E3779B97F4A7C15 + a.to(tl.uint64))
     hashed = (h & 0x7FFFFFFFFFFFFFFF).to(tl.int64) % safe_b
     # binary_code: optional scramble of the b-bit code, then pext of this block's bits.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from embtables.methods.salted_hash import _signed, mix64_int
+from embtables.hashing import _signed, mix64_int
 from embtables.specs import TableSpec
 
 IDENTITY, HASH, DIV, MOD, BITS = range(5)

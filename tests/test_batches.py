@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from embtables.errors import DataError
-from embtables.pipelines.batches import iterate_batches
-from embtables.pipelines.stats import load_stats, prepare_parquet
+from embtables.pipelines.data.batches import iterate_batches
+from embtables.pipelines.data.encode import load_stats, prepare_parquet
 
 N = 1000
 

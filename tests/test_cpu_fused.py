@@ -189,7 +189,7 @@ def test_missing_kernels_fall_back_to_the_reference(monkeypatch):
 def test_kernel_bench_reports_every_backend_and_the_speedup():
     import argparse
 
-    from embtables.pipelines.bench_kernels import add_kernel_args, run_kernel_bench
+    from embtables.pipelines.bench.kernels import add_kernel_args, run_kernel_bench
 
     parser = argparse.ArgumentParser()
     add_kernel_args(parser)

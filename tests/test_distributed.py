@@ -20,13 +20,13 @@ import torch
 from embtables.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "embtables.cli"]
+CLI = [sys.executable, "-m", "embtables.pipelines.cli.main"]
 AUC_TOLERANCE = 0.02  # 2k validation rows; the 400k-row benchmark holds 0.005
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
-    from embtables.pipelines.ingest_synth import ingest
+    from embtables.pipelines.data.ingest_synth import ingest
 
     out = tmp_path_factory.mktemp("dist") / "synth"
     ingest(out, preset="tiny", rows=20_000, seed=3)
@@ -41,7 +41,7 @@ def overrides(data: Path, **extra) -> list[str]:
 
 
 def single_process_auc(data: Path, out: Path, **extra) -> float:
-    from embtables.pipelines.train import train
+    from embtables.pipelines.train.local import train
 
     return train(load_config(None, overrides(data, **extra)), out, progress=False)["auc"]
 
@@ -119,8 +119,8 @@ def test_arrow_rows_become_the_same_batch_and_consumed_rows_are_skipped(synth):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from embtables.pipelines.batches import iterate_batches
-    from embtables.pipelines.ray_data import HASH, shard_batches, sorted_contains, to_batch
+    from embtables.pipelines.data.batches import iterate_batches
+    from embtables.pipelines.data.ray_data import HASH, shard_batches, sorted_contains, to_batch
 
     stats = json.loads((synth / "stats.json").read_text())
     table = pq.read_table(synth / stats["splits"]["valid"]["files"][0]).slice(0, 100)
@@ -152,8 +152,8 @@ def _reference_and_sharded(rank, world, port, sets, sharding):
     Returns (cfg, inputs, ref, model, dmp, plan)."""
     import torch.distributed as dist
 
-    from embtables.pipelines.setup_run import build_model, resolve_inputs
-    from embtables.pipelines.sharding import attach_sharded_lookup, load_full_tables, plan_sharding, shard_model
+    from embtables.pipelines.train.build import build_model, resolve_inputs
+    from embtables.pipelines.train.sharding import attach_sharded_lookup, load_full_tables, plan_sharding, shard_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -175,10 +175,10 @@ def _reference_and_sharded(rank, world, port, sets, sharding):
 def _sharded_equals_unsharded(rank, world, data, port, result_dir, sets=()):
     import torch.distributed as dist
 
-    from embtables.pipelines.batches import iterate_batches
-    from embtables.pipelines.dist_checkpoint import save_sharded
-    from embtables.pipelines.sharding import plan_summary
-    from embtables.pipelines.train import make_model_optimizer
+    from embtables.pipelines.data.batches import iterate_batches
+    from embtables.pipelines.train.dist_checkpoint import save_sharded
+    from embtables.pipelines.train.sharding import plan_summary
+    from embtables.pipelines.train.local import make_model_optimizer
 
     sets = [f"data.train={data}", "embedding.dim=6", *sets]  # 6: padded to 8 for TBE
     cfg, inputs, ref, model, dmp, plan = _reference_and_sharded(rank, world, port, sets, "column_wise")
@@ -225,9 +225,9 @@ def test_sharded_lookup_matches_the_fused_one_and_checkpoints_read_whole(synth, 
     reads one table under several lookup keys (TorchRec: one table, several feature names)."""
     import torch.multiprocessing as mp
 
-    from embtables.pipelines.checkpoint import latest_checkpoint, load_checkpoint, load_model_state
-    from embtables.pipelines.setup_run import build_model, resolve_inputs
-    from embtables.pipelines.batches import iterate_batches
+    from embtables.pipelines.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_state
+    from embtables.pipelines.train.build import build_model, resolve_inputs
+    from embtables.pipelines.data.batches import iterate_batches
 
     mp.spawn(_sharded_equals_unsharded, args=(2, synth, free_port(), tmp_path, sets), nprocs=2)
     result = torch.load(tmp_path / "result.pt", weights_only=False)
@@ -253,8 +253,8 @@ def test_sharded_lookup_matches_the_fused_one_and_checkpoints_read_whole(synth, 
 def _padded_training(rank, data, port, result_dir):
     import torch.distributed as dist
 
-    from embtables.pipelines.batches import iterate_batches
-    from embtables.pipelines.train import make_model_optimizer
+    from embtables.pipelines.data.batches import iterate_batches
+    from embtables.pipelines.train.local import make_model_optimizer
 
     sets = [f"data.train={data}", "embedding.dim=6", "embedding.backend=torch"]
     cfg, inputs, ref, model, dmp, _ = _reference_and_sharded(0, 1, port, sets, None)
@@ -311,8 +311,8 @@ def test_sigkill_then_resume_sees_every_row_exactly_epochs_times(synth, tmp_path
     scores = subprocess.run(CLI + ["eval", str(out)], cwd=ROOT, capture_output=True, text=True, check=True)
     assert abs(json.loads(scores.stdout)["auc"] - metrics["auc"]) < 1e-9
     # export gathers the 2-rank checkpoint too; scoring through the export gives the same AUC
-    from embtables.export import export_run
-    from embtables.pipelines.predict import predict
+    from embtables.pipelines.serve.export import export_run
+    from embtables.pipelines.serve.predict import predict
 
     exported = export_run(out, tmp_path / "export")
     served = predict(exported, synth, tmp_path / "pred.parquet", split="valid", progress=False)

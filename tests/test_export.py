@@ -11,19 +11,19 @@ from safetensors.torch import load_file, save_file
 from torchrec import KeyedJaggedTensor
 
 import embtables
-from embtables import export as export_mod
-from embtables.cli import main as cli_main
+from embtables.pipelines.serve import export as export_mod
+from embtables.pipelines.cli.main import main as cli_main
 from embtables.collection import EmbeddingCollection
 from embtables.config import load_config
 from embtables.errors import DataError, ExportError
-from embtables.export import export_run, table_precision
+from embtables.pipelines.serve.export import export_run, table_precision
 from embtables.methods import REGISTRY, method_class
-from embtables.pipelines.evaluate import predict_split
-from embtables.pipelines.predict import predict
-from embtables.pipelines.setup_run import load_run
-from embtables.pipelines.stats import prepare_parquet
+from embtables.pipelines.train.evaluate import predict_split
+from embtables.pipelines.serve.predict import predict
+from embtables.pipelines.train.build import load_run
+from embtables.pipelines.data.encode import prepare_parquet
 from embtables.specs import FeatureSpec
-from embtables.pipelines.train import train
+from embtables.pipelines.train.local import train
 
 CARDS = {"user": 2000, "item": 1500, "c3": 800, "c4": 800, "c5": 600, "c6": 400}
 
@@ -348,8 +348,8 @@ def test_cli_export_and_predict(tmp_path, full_run, data, capsys):
 def test_shared_tables_serve_like_a_manual_lookup():
     """A method whose remap keys share one table (multiplexed) is served key by key, even
     before the training collection runs it."""
-    from embtables.inference import InferenceModel
-    from embtables.serving_lookup import ServingLookup
+    from embtables.serving.inference import InferenceModel
+    from embtables.serving.lookup import ServingLookup
 
     cls = method_class("multiplexed")
     m = cls.solve_group([FeatureSpec("a", 300), FeatureSpec("b", 200)], 8, 4.0)[0]

@@ -3,9 +3,9 @@ export encodes a method's own tensors (int8 for 2-D floats, keep bits for kept-r
 import pytest
 import torch
 
-from embtables import method_tensors
+from embtables.serving import method_tensors
 from embtables.errors import ExportError
-from embtables.tensor_blob import pack_parts, unpack_parts
+from embtables.serving.tensor_blob import pack_parts, unpack_parts
 
 
 def test_packed_parts_round_trip_bit_exact():

@@ -10,9 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from embtables.errors import DataError
-from embtables.pipelines import ingest_avazu, ingest_criteo, ingest_movielens, ingest_synth
-from embtables.pipelines.data_cli import add_data_parser
-from embtables.pipelines.stats import load_stats
+from embtables.pipelines.data import ingest_avazu
+from embtables.pipelines.data import ingest_criteo
+from embtables.pipelines.data import ingest_movielens
+from embtables.pipelines.data import ingest_synth
+from embtables.pipelines.cli.data import add_data_parser
+from embtables.pipelines.data.encode import load_stats
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SAMPLES = DATA / "samples"

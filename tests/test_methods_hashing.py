@@ -11,7 +11,7 @@ from embtables.kernels import RowwiseAdagrad
 from embtables.methods.full import Full
 from embtables.methods.hashing import Hash
 from embtables.methods.multiplexed import Multiplexed
-from embtables.methods.salted_hash import salt_of, salted_hash
+from embtables.hashing import salt_of, salted_hash
 from embtables.specs import FeatureSpec
 
 from helpers import kjt, needs_cpu_fused, needs_fbgemm

@@ -186,8 +186,8 @@ def test_post_hoc_rank_from_ratio_and_errors():
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     from embtables.config import load_config
-    from embtables.pipelines.ingest_synth import ingest
-    from embtables.pipelines.train import train
+    from embtables.pipelines.data.ingest_synth import ingest
+    from embtables.pipelines.train.local import train
 
     root = tmp_path_factory.mktemp("compress")
     data = ingest(root / "synth", preset="tiny", rows=6000, seed=1)
@@ -201,11 +201,11 @@ def full_run(tmp_path_factory):
 def test_compress_writes_a_run_that_reloads_with_both_metrics(full_run):
     import json
 
-    from embtables.cli import build_parser
+    from embtables.pipelines.cli.main import build_parser
     from embtables.errors import EmbtablesError
-    from embtables.pipelines.compress import compress
-    from embtables.pipelines.evaluate import evaluate
-    from embtables.pipelines.setup_run import load_run
+    from embtables.pipelines.serve.compress import compress
+    from embtables.pipelines.train.evaluate import evaluate
+    from embtables.pipelines.train.build import load_run
 
     args = build_parser().parse_args(["compress", str(full_run / "full"), "--rank", "2", "--out", "x"])
     assert args.func.__name__ == "cmd_compress" and args.rank == 2 and args.ratio is None

@@ -2,8 +2,8 @@
 from pathlib import Path
 
 from embtables.config import load_config
-from embtables.pipelines.ingest_movielens import ingest
-from embtables.pipelines.train import train
+from embtables.pipelines.data.ingest_movielens import ingest
+from embtables.pipelines.train.local import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,10 @@ from embtables.errors import ConfigError, EmbtablesError
 from embtables.kernels import fbgemm_available
 from embtables.methods.optembed import (BinaryStep, OptEmbed, OptEmbedCompact, OptEmbedOptions, compact_bytes,
                                         load_plan, save_plan)
-from embtables.pipelines.evolution import crossover, evolve, mutate
-from embtables.pipelines.holdout import held_out, subset_batch
-from embtables.pipelines.ingest_synth import ingest as ingest_synth
-from embtables.pipelines.train import Optimizers, make_model_optimizer, train
+from embtables.pipelines.train.evolution import crossover, evolve, mutate
+from embtables.pipelines.data.holdout import held_out, subset_batch
+from embtables.pipelines.data.ingest_synth import ingest as ingest_synth
+from embtables.pipelines.train.local import Optimizers, make_model_optimizer, train
 from embtables.specs import FeatureSpec
 
 BACKENDS = ["torch"] + (["fbgemm"] if fbgemm_available() else [])
@@ -213,7 +213,7 @@ def synth(tmp_path_factory):
 
 
 def test_held_out_rows_do_not_depend_on_batching(synth):
-    from embtables.pipelines.batches import iterate_batches
+    from embtables.pipelines.data.batches import iterate_batches
 
     def held_labels(batch_size, shuffle):
         keys = []
@@ -249,15 +249,15 @@ def test_three_stages_end_to_end(tmp_path, synth):
     plan = load_plan(tmp_path / "run" / "search" / "plan.npz")
     assert {n: f["dim"] for n, f in oe["fields"].items()} == {n: d for n, (_, d) in plan.items()}
     # The compact model is what the run dir rebuilds (eval/export), and it was rewound to the supernet's init.
-    from embtables.pipelines.evaluate import evaluate
-    from embtables.pipelines.setup_run import load_run
+    from embtables.pipelines.train.evaluate import evaluate
+    from embtables.pipelines.train.build import load_run
 
     model, _, inputs = load_run(tmp_path / "run")
     assert evaluate(model, inputs.dataset, "valid", inputs.dense_index, 4096)["auc"] == pytest.approx(m["auc"])
     assert train(cfg(), tmp_path / "run", resume=True, progress=False)["auc"] == m["auc"]  # all done: nothing redone
     # Export → serve: the compact tables and remaps rebuild and score the same.
-    from embtables.export import export_run
-    from embtables.pipelines.predict import predict
+    from embtables.pipelines.serve.export import export_run
+    from embtables.pipelines.serve.predict import predict
 
     export_run(tmp_path / "run", tmp_path / "export")
     served = predict(tmp_path / "export", synth, tmp_path / "pred.parquet", progress=False)

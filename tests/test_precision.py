@@ -8,11 +8,11 @@ from torch import nn
 
 from embtables.config import load_config
 from embtables.errors import ConfigError
-from embtables.pipelines import precision
-from embtables.pipelines.ingest_synth import ingest as ingest_synth
-from embtables.pipelines.precision import autocast_network, resolve_precision
-from embtables.pipelines.prefetch import Prefetcher
-from embtables.pipelines.train import train
+from embtables.pipelines.train import precision
+from embtables.pipelines.data.ingest_synth import ingest as ingest_synth
+from embtables.pipelines.train.precision import autocast_network, resolve_precision
+from embtables.pipelines.data.prefetch import Prefetcher
+from embtables.pipelines.train.local import train
 
 needs_bf16 = pytest.mark.skipif(not precision.bf16_supported("cpu"), reason="no bf16 kernels on this CPU")
 pytestmark = pytest.mark.filterwarnings("ignore:train.precision bf16")
@@ -148,7 +148,7 @@ def test_dense_bound_flop_count_matches_torchs_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     from embtables.models.dlrm import DLRM
-    from embtables.pipelines.dense_bound import dense_bound, mlp_flops_per_sample
+    from embtables.pipelines.bench.dense_bound import dense_bound, mlp_flops_per_sample
 
     shape = (13, 26, 16, [64, 32], [48, 24])
     model, batch = DLRM(*shape), 8

@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embtables.quantize import (binarize, debinarize, dequantize_table, expected_bytes, pack_codes,
+from embtables.serving.quantize import (binarize, debinarize, dequantize_table, expected_bytes, pack_codes,
                                 quantize_table, stored_bytes, unpack_codes)
-from embtables.serving_lookup import ServingLookup, fbgemm_nbit_available
+from embtables.serving.lookup import ServingLookup, fbgemm_nbit_available
 
 
 def table(rows=50, dim=12, seed=0, scale=0.05):

@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from embtables.errors import ConfigError, DataError
-from embtables.pipelines import prepared, stats
-from embtables.pipelines.stats import feature_specs, load_stats, prepare_parquet
+from embtables.pipelines.data import prepared
+from embtables.pipelines.data import encode as stats
+from embtables.pipelines.data.encode import feature_specs, load_stats, prepare_parquet
 
 
 def write(path, columns, **kw):

@@ -14,9 +14,9 @@ from embtables.config import load_config
 from embtables.errors import ConfigError, EmbtablesError
 from embtables.methods import REGISTRY
 from embtables.methods.full import Full
-from embtables.pipelines import tradeoff
-from embtables.pipelines.ingest_synth import ingest as ingest_synth
-from embtables.pipelines.tradeoff import run_tradeoff
+from embtables.pipelines.bench import tradeoff
+from embtables.pipelines.data.ingest_synth import ingest as ingest_synth
+from embtables.pipelines.bench.tradeoff import run_tradeoff
 
 CONFIG = ("model: {{name: dlrm, bottom_mlp: [8], top_mlp: [16]}}\n"
           "embedding: {{dim: 8, backend: torch}}\n"
@@ -134,7 +134,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_cells(tmp_path, config_
 
 def test_sigkilled_sweep_resumes(tmp_path, config_file):
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "embtables.cli", "bench", "tradeoff", str(config_file), "--methods", "hash",
+    cmd = [sys.executable, "-m", "embtables.pipelines.cli.main", "bench", "tradeoff", str(config_file), "--methods", "hash",
            "--ratios", "1,10", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first = out / "runs" / "full-r1-s0" / "metrics.json"
@@ -167,8 +167,8 @@ def test_resume_refuses_a_different_config_and_unknown_methods(tmp_path, config_
 def test_bench_cli_parses_lists_and_runs_lazy_benches(tmp_path, monkeypatch):
     import types
 
-    from embtables.cli import build_parser
-    from embtables.pipelines import bench_cli
+    from embtables.pipelines.cli.main import build_parser
+    from embtables.pipelines.cli import bench as bench_cli
 
     args = build_parser().parse_args(["bench", "tradeoff", "cfg.yaml", "--methods", "full, hash,qr",
                                       "--ratios", "1,10,1e3", "--out", "d", "--seeds", "3"])

@@ -7,8 +7,8 @@ import pytest
 
 from embtables.config import load_config
 from embtables.errors import ConfigError, EmbtablesError
-from embtables.pipelines.ingest_synth import ingest as ingest_synth
-from embtables.pipelines.train import train
+from embtables.pipelines.data.ingest_synth import ingest as ingest_synth
+from embtables.pipelines.train.local import train
 
 CONTRACT_KEYS = {"auc", "logloss", "embedding_bytes", "full_embedding_bytes", "compression_ratio",
                  "samples_per_sec", "train_rows_seen", "valid_rows", "method"}
@@ -39,7 +39,7 @@ def test_train_writes_contract_metrics_and_learns(tmp_path, synth):
     assert 0.6 < metrics["auc"] < metrics["planted"]["valid_auc"] + 0.02
     assert (tmp_path / "run" / "checkpoints").is_dir()
     # `embtables eval` on the run reproduces the final AUC from the checkpoint.
-    out = subprocess.run([sys.executable, "-m", "embtables.cli", "eval", str(tmp_path / "run")],
+    out = subprocess.run([sys.executable, "-m", "embtables.pipelines.cli.main", "eval", str(tmp_path / "run")],
                          capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1])["auc"] == pytest.approx(metrics["auc"], abs=1e-6)
 
@@ -74,7 +74,7 @@ def test_refuses_to_overwrite_a_run(tmp_path, synth):
 def test_cli_reports_errors_without_traceback(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {train: x}\nmodel: {nmae: dlrm}\n")
-    proc = subprocess.run([sys.executable, "-m", "embtables.cli", "train", str(cfg), "--out", str(tmp_path / "o")],
+    proc = subprocess.run([sys.executable, "-m", "embtables.pipelines.cli.main", "train", str(cfg), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "did you mean 'name'" in proc.stderr and "Traceback" not in proc.stderr

@@ -8,7 +8,7 @@ from torchrec import KeyedJaggedTensor
 
 from embtables.methods.base import Method, single_feature_kjt
 from embtables.methods.budget import solve_within_budget
-from embtables.methods.salted_hash import hashed_rows, salt_of
+from embtables.hashing import hashed_rows, salt_of
 from embtables.specs import FeatureSpec, TableSpec
 
 

@@ -30,7 +30,7 @@ from torchrec import KeyedJaggedTensor
 
 from embtables.errors import ConfigError
 from embtables.methods.base import Method
-from embtables.methods.salted_hash import salt_of, salted_hash
+from embtables.hashing import salt_of, salted_hash
 from embtables.specs import FeatureSpec, TableSpec
 
 

@@ -1,6 +1,6 @@
 """optembed: OptEmbed (Lyu et al., CIKM 2022) — learned row pruning + per-field dimension search.
 
-Two shapes of the same method, chosen by `stage` (the 3-stage run is pipelines/optembed_run.py):
+Two shapes of the same method, chosen by `stage` (the 3-stage run is pipelines/train/optembed_stages.py):
 
 * `OptEmbed` (stage "supernet"): the full n×D table of a feature, a learnable threshold t per
   field (init 0) and, in combine,

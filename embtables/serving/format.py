@@ -1,0 +1,43 @@
+"""The export format: file names, version, checksums — what writers and readers of an export share."""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from pathlib import Path
+
+import torch
+
+EXPORT_FORMAT = "embtables-export"
+EXPORT_VERSION = 2  # 2: one tensor per table / method tensor; encoded method tensors
+MANIFEST = "manifest.json"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+DENSE_FILE = "dense.safetensors"
+LOOKUP_PREFIX = "embeddings.lookup."
+
+
+def embtables_version() -> str:
+    try:
+        return importlib.metadata.version("embtables")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"  # running from a source tree that is not installed
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes (C order, native little-endian)."""
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_export(path: Path) -> bool:
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,98 @@
+"""The `embtables` command: data | train | eval | compress | export | predict | bench."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from embtables.errors import EmbtablesError
+
+# Subcommands that live beside their pipelines: module path → function that registers them.
+PLUGINS = [
+    ("embtables.pipelines.cli.data", "add_data_parser"),
+    ("embtables.pipelines.serve.compress", "add_compress_parser"),
+    ("embtables.pipelines.cli.export", "add_export_parsers"),
+    ("embtables.pipelines.cli.bench", "add_bench_parser"),
+]
+
+
+def cmd_train(args) -> None:
+    from embtables.config import load_config
+    from embtables.pipelines.train.local import train
+
+    cfg = load_config(args.config, args.set)
+    if args.address is not None or cfg["train"]["workers"] > 1:
+        from embtables.pipelines.train.distributed import train_distributed
+
+        metrics = train_distributed(cfg, args.out, resume=args.resume, address=args.address)
+    else:
+        metrics = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"AUC {metrics['auc']:.4f}  logloss {metrics['logloss']:.4f}  "
+          f"compression {metrics['compression_ratio']:.1f}x  {metrics['samples_per_sec']:,.0f} samples/s  "
+          f"→ {args.out}/metrics.json")
+
+
+def cmd_eval(args) -> None:
+    from embtables.pipelines.train.evaluate import evaluate
+    from embtables.pipelines.train.build import load_run
+
+    model, cfg, inputs = load_run(args.run)
+    dataset, split = _split_of(args.data, inputs.dataset)
+    scores = evaluate(model, dataset, split, inputs.dense_index, cfg["train"]["eval_batch_size"])
+    print(json.dumps(scores))
+
+
+def _split_of(data: str | None, default_dataset):
+    """`eval RUN [DATA]`: DATA may be an encoded dataset dir (its valid split) or one of its split dirs."""
+    from pathlib import Path
+
+    if data is None:
+        return default_dataset, "valid"
+    path = Path(data)
+    if (path / "stats.json").is_file():
+        return path, "valid"
+    if (path.parent / "stats.json").is_file():
+        return path.parent, path.name
+    raise EmbtablesError(f"{data}: not an encoded dataset (no stats.json here or in its parent)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embtables", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a CTR model from a YAML config")
+    p.add_argument("config")
+    p.add_argument("--out", required=True, help="run directory (metrics.json, checkpoints)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--address", default=None, help="join a Ray cluster (auto | ray://HOST:10001)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="exact AUC/logloss of a trained run")
+    p.add_argument("run")
+    p.add_argument("data", nargs="?", default=None, help="encoded dataset (default: the run's validation split)")
+    p.set_defaults(func=cmd_eval)
+
+    for module, register in PLUGINS:
+        getattr(importlib.import_module(module), register)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # TorchRec's jagged tensors ask torch.fx whether it is tracing; torch 2.13 logs a deprecation
+    # notice for that on every process start. It is not ours to act on.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except EmbtablesError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

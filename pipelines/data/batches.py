@@ -1,0 +1,224 @@
+"""Single-process batch reader over an encoded dataset: row groups → shuffled → Batch.
+
+Memory stays bounded: only a buffer of a few row groups is decoded at a time. The row order
+of an epoch is a pure function of (seed, epoch, shard), so `start_row` can resume exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embtables.errors import ConfigError, DataError
+from embtables.pipelines.data.parquet_io import open_parquet, read_row_group
+from embtables.pipelines.data.encode import load_stats
+
+BUFFER_ROW_GROUPS = 4  # rows are shuffled within this many row groups
+
+
+@dataclass
+class Batch:
+    label: torch.Tensor                 # [B] float32
+    dense: torch.Tensor                 # [B, n_dense] float32, log1p(max(x, 0))
+    sparse: KeyedJaggedTensor           # keys = sparse features in stats order
+    rows: int
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """Rows [start, stop) of one row group; `file_row` is where the row group starts in its file."""
+
+    path: Path
+    row_group: int
+    file_row: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+class _Rows:
+    """A block of decoded rows: label, dense, and per feature (lengths, flat values).
+
+    `multi[i]` marks multi-hot features; only those need offsets (single-hot: one value a row).
+    """
+
+    def __init__(self, label, dense, lengths, values, multi):
+        self.label, self.dense, self.lengths, self.values, self.multi = label, dense, lengths, values, multi
+        self.offsets = [_offsets(l) if m else None for l, m in zip(lengths, multi)]
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def take(self, idx: np.ndarray) -> "_Rows":
+        values = []
+        for lengths, offs, vals in zip(self.lengths, self.offsets, self.values):
+            if offs is None:
+                values.append(vals[idx])
+            else:  # gather each row's run of values
+                new_len = lengths[idx]
+                starts = np.repeat(offs[:-1][idx], new_len)
+                within = np.arange(new_len.sum()) - np.repeat(_offsets(new_len)[:-1], new_len)
+                values.append(vals[starts + within])
+        return _Rows(self.label[idx], self.dense[idx], [l[idx] for l in self.lengths], values, self.multi)
+
+    def slice(self, a: int, b: int) -> "_Rows":
+        return _Rows(self.label[a:b], self.dense[a:b], [l[a:b] for l in self.lengths],
+                     [v[a:b] if o is None else v[o[a]:o[b]] for v, o in zip(self.values, self.offsets)],
+                     self.multi)
+
+    @staticmethod
+    def concat(parts: list["_Rows"]) -> "_Rows":
+        if len(parts) == 1:
+            return parts[0]
+        n = len(parts[0].lengths)
+        return _Rows(np.concatenate([p.label for p in parts]), np.concatenate([p.dense for p in parts]),
+                     [np.concatenate([p.lengths[i] for p in parts]) for i in range(n)],
+                     [np.concatenate([p.values[i] for p in parts]) for i in range(n)], parts[0].multi)
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    offs = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offs[1:])
+    return offs
+
+
+class _Reader:
+    """Decodes units of one split, validating ids against each feature's table rows."""
+
+    def __init__(self, dataset_dir: Path, stats: dict):
+        self.dir, self.stats = dataset_dir, stats
+        self.columns = [stats["label"]] + stats["dense"] + stats["sparse"]
+        self._files: dict[Path, object] = {}
+
+    def file(self, rel: str):
+        path = self.dir / rel
+        if path not in self._files:
+            self._files[path] = open_parquet(path, self.columns)
+        return self._files[path]
+
+    def units(self, files: list[str]) -> list[_Unit]:
+        units = []
+        for rel in files:
+            meta = self.file(rel).metadata
+            row = 0
+            for g in range(meta.num_row_groups):
+                n = meta.row_group(g).num_rows
+                units.append(_Unit(self.dir / rel, g, row, 0, n))
+                row += n
+        return units
+
+    def read(self, unit: _Unit) -> _Rows:
+        pf = self._files[unit.path]
+        t = read_row_group(pf, unit.path, unit.row_group, self.columns).slice(unit.start, unit.rows)
+        label = t.column(self.stats["label"]).to_numpy().astype(np.float32)
+        if self.stats["dense"]:
+            dense = np.stack([t.column(d).to_numpy(zero_copy_only=False) for d in self.stats["dense"]], 1)
+            dense = np.log1p(np.maximum(dense.astype(np.float32), 0.0))  # heavy-tailed counts
+        else:
+            dense = np.zeros((t.num_rows, 0), dtype=np.float32)
+        lengths, values, multi = [], [], []
+        for name in self.stats["sparse"]:
+            col = t.column(name).combine_chunks()
+            multi.append(pa.types.is_list(col.type))
+            if multi[-1]:
+                lens = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int32)
+                vals = pc.list_flatten(col)
+            else:
+                lens, vals = np.ones(len(col), dtype=np.int32), col
+            lengths.append(lens)
+            values.append(self._checked_ids(unit, name, vals, lens))
+        return _Rows(label, dense, lengths, values, multi)
+
+    def _checked_ids(self, unit: _Unit, name: str, vals: pa.Array, lens: np.ndarray) -> np.ndarray:
+        rows = self.stats["features"][name]["rows"]
+        if vals.null_count:
+            ids, bad = None, vals.is_null().to_numpy(zero_copy_only=False)
+        else:
+            ids = vals.to_numpy(zero_copy_only=False)
+            bad = (ids < 0) | (ids >= rows)
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            i = int(np.searchsorted(np.cumsum(lens), j, side="right"))  # value index → row
+            row = unit.file_row + unit.start + i
+            raise DataError(f"{unit.path}: row {row}: column {name!r} has id {vals[j].as_py()}, "
+                            f"outside [0, {rows})")
+        return ids.astype(np.int64, copy=False)
+
+
+def _shard(units: list[_Unit], rank: int, world: int) -> list[_Unit]:
+    """Whole row groups round-robin; the last `len % world` are split by rows among all shards."""
+    whole = len(units) // world * world
+    mine = units[rank:whole:world]
+    for u in units[whole:]:
+        a = u.start + u.rows * rank // world
+        b = u.start + u.rows * (rank + 1) // world
+        if b > a:
+            mine.append(_Unit(u.path, u.row_group, u.file_row, a, b))
+    return mine
+
+
+def _to_batch(rows: _Rows, keys: list[str]) -> Batch:
+    kjt = KeyedJaggedTensor(
+        keys=keys,
+        values=torch.from_numpy(np.concatenate(rows.values) if rows.values else np.zeros(0, np.int64)),
+        lengths=torch.from_numpy(np.concatenate(rows.lengths) if rows.lengths else np.zeros(0, np.int32)),
+    )
+    return Batch(label=torch.from_numpy(np.ascontiguousarray(rows.label)),
+                 dense=torch.from_numpy(np.ascontiguousarray(rows.dense)), sparse=kjt, rows=len(rows))
+
+
+def iterate_batches(dataset_dir, split: str, batch_size: int, *, shuffle: bool, seed: int = 0,
+                    epoch: int = 0, drop_last: bool = False, start_row: int = 0,
+                    shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+    """Batches of one split; with `shuffle`, the order depends only on (seed, epoch, shard).
+
+    `start_row` skips that many rows of this shard's epoch order (resume). Shards are disjoint
+    and together cover every row exactly once. The last partial batch is yielded unless
+    `drop_last`.
+    """
+    rank, world = shard
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+    if batch_size < 1 or start_row < 0:
+        raise ConfigError(f"batch_size must be >= 1 and start_row >= 0, got {batch_size}, {start_row}")
+    dataset_dir = Path(dataset_dir)
+    stats = load_stats(dataset_dir)
+    if split not in stats["splits"]:
+        raise ConfigError(f"{dataset_dir}: no split {split!r}; available: {', '.join(stats['splits'])}")
+    reader = _Reader(dataset_dir, stats)
+    units = reader.units(stats["splits"][split]["files"])
+    if shuffle:
+        # Same permutation on every rank (no rank in the seed), so the shards stay disjoint.
+        order = np.random.default_rng([seed, epoch]).permutation(len(units))
+        units = [units[i] for i in order]
+    units = _shard(units, rank, world)
+
+    pending: _Rows | None = None
+    skip = start_row
+    for b in range(0, len(units), BUFFER_ROW_GROUPS):
+        group = units[b:b + BUFFER_ROW_GROUPS]
+        n = sum(u.rows for u in group)
+        if skip >= n:  # resume: whole buffers before start_row are never read
+            skip -= n
+            continue
+        rows = _Rows.concat([reader.read(u) for u in group])
+        if shuffle:
+            rows = rows.take(np.random.default_rng([seed, epoch, rank, b]).permutation(n))
+        if skip:
+            rows, skip = rows.slice(skip, n), 0
+        rows = rows if pending is None else _Rows.concat([pending, rows])
+        full = len(rows) // batch_size * batch_size
+        for a in range(0, full, batch_size):
+            yield _to_batch(rows.slice(a, a + batch_size), stats["sparse"])
+        pending = rows.slice(full, len(rows))
+    if pending is not None and len(pending) and not drop_last:
+        yield _to_batch(pending, stats["sparse"])
