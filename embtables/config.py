@@ -52,8 +52,8 @@ DEFAULTS: dict[str, Any] = {
         "eval_batch_size": 16384,
         "log_every": 20,
         "threads": None,          # torch intra-op threads; None = all cores
-        "precision": "fp32",      # fp32 | bf16 | auto (bf16 autocast for the dense network where it is
-                                  # faster, i.e. AMX or CUDA; tables and loss stay fp32)
+        "precision": "fp32",      # fp32 | bf16 | auto (bf16 autocast for the dense network where bf16
+                                  # products measure faster: CUDA, or AVX512_BF16/AMX + a probe; tables and loss stay fp32)
         "prefetch": 2,            # batches prepared ahead on a background thread; 0 = off
         "sharding": None,         # table_wise | column_wise | row_wise (distributed runs)
         "max_failures": 0,

@@ -1,4 +1,5 @@
 """Mixed precision (bf16 dense network, fp32 tables/loss/master weights) and the batch prefetcher."""
+import json
 import threading
 import time
 
@@ -82,14 +83,67 @@ def test_fp32_and_unsupported_cpus_leave_the_model_alone(monkeypatch):
         resolve_precision("fp16")
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_auto_picks_bf16_only_where_it_is_faster(monkeypatch, fast):
-    monkeypatch.setattr(precision, "bf16_supported", lambda device_type="cpu": True)
-    monkeypatch.setattr(precision, "fast_bf16", lambda device_type="cpu": fast)
-    assert resolve_precision("auto") == ("bf16" if fast else "fp32")
-    if not fast:  # asked for explicitly: honoured, with a warning that it is likely slower
-        with pytest.warns(UserWarning, match="no AMX"):
+@pytest.fixture
+def cpu(monkeypatch):
+    """A CPU with bf16 kernels whose flags and matmul probe the test sets; the probe cache is reset."""
+    calls = []
+
+    def set_cpu(flags, speedup):
+        monkeypatch.setattr(precision, "bf16_supported", lambda device_type="cpu": True)
+        monkeypatch.setattr(precision, "_cpu_flags", lambda: set(flags))
+        monkeypatch.setattr(precision, "probe_matmuls", lambda: calls.append(1) or
+                            {"fp32_gflops": 100.0, "bf16_gflops": 100.0 * speedup, "speedup": speedup})
+        precision.bf16_probe.cache_clear()
+        return calls
+
+    yield set_cpu
+    precision.bf16_probe.cache_clear()
+
+
+@pytest.mark.parametrize("flags, speedup, chosen", [
+    ({"avx512f", "avx512_bf16"}, 3.6, "bf16"),   # AVX512_BF16 without AMX, measured faster (AMD EPYC)
+    ({"avx512f", "avx512_bf16"}, 0.6, "fp32"),   # the same flag, measured slower
+    ({"amx_bf16", "avx512_bf16"}, 1.1, "fp32"),  # within the noise margin: not measurably faster
+    ({"amx_bf16"}, 8.0, "bf16"),
+])
+def test_auto_picks_bf16_where_the_probe_measures_it_faster(cpu, flags, speedup, chosen):
+    calls = cpu(flags, speedup)
+    assert resolve_precision("auto") == chosen
+    assert resolve_precision("auto") == chosen and len(calls) == 1  # probed once, then cached
+    record = precision.precision_record("auto")
+    assert record["chosen"] == chosen and record["bf16_check"]["probe"]["speedup"] == speedup
+    if chosen == "fp32":  # asked for explicitly: honoured, with a warning that it is likely slower
+        with pytest.warns(UserWarning, match="not faster than fp32"):
             assert resolve_precision("bf16") == "bf16"
+
+
+def test_auto_does_not_probe_without_bf16_instructions(cpu):
+    calls = cpu({"avx2", "avx512f"}, 5.0)  # emulated bf16: not worth timing
+    assert resolve_precision("auto") == "fp32" and not calls
+    assert precision.precision_record("auto")["bf16_check"]["reason"] == "no AVX512_BF16 or AMX"
+    assert precision.precision_record("fp32") == {"requested": "fp32", "chosen": "fp32", "bf16_check": None}
+
+
+def test_the_probe_times_both_precisions_and_restores_threads():
+    threads = torch.get_num_threads()
+    probe = precision.probe_matmuls(shapes=((64, 32, 16),), repeats=2)
+    assert probe["fp32_gflops"] > 0 and probe["bf16_gflops"] > 0
+    assert probe["speedup"] == pytest.approx(probe["bf16_gflops"] / probe["fp32_gflops"], rel=0.1)
+    assert torch.get_num_threads() == threads
+
+
+@needs_bf16
+def test_metrics_json_records_the_precision_choice_and_probe(tmp_path, cpu):
+    cpu({"avx512_bf16"}, 3.5)
+    data = ingest_synth(tmp_path / "synth", preset="tiny", rows=1500, seed=3)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"data: {{train: {data}}}\nmodel: {{name: dlrm, bottom_mlp: [8], top_mlp: [8]}}\n"
+                    "embedding: {dim: 4, backend: torch}\ntrain: {batch_size: 256, epochs: 1, threads: 1}\n")
+    train(load_config(path, ["train.precision=auto"]), tmp_path / "run", progress=False)
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())["precision"]
+    assert record["requested"] == "auto" and record["chosen"] == "bf16"
+    assert record["bf16_check"]["cpu_flags"] == ["avx512_bf16"]
+    assert record["bf16_check"]["probe"] == {"fp32_gflops": 100.0, "bf16_gflops": 350.0, "speedup": 3.5}
 
 
 def test_config_validates_precision_and_prefetch(tmp_path):

@@ -3,8 +3,8 @@
 Ours: `embtables train` on Criteo-like synth data (26 features, 13 dense; dim 16, bottom
 13-512-256-64-16, top 512-256-1, batch 2048; row-wise Adagrad fused into the lookup, dense
 Adagrad) with the fast CPU lookup (cpu_fused), the compiled interaction backward and
-prefetched batches. The headline run uses `--precision` (auto: bf16 where it is faster, i.e.
-AMX, else fp32); the other precision runs too, so bf16's AUC is compared with fp32's (must be
+prefetched batches. The headline run uses `--precision` (auto: bf16 where bf16 matrix products
+measure faster, see pipelines/train/precision.py, else fp32); the other precision runs too, so bf16's AUC is compared with fp32's (must be
 within 0.001). samples/s are the whole run's (first steps included), from metrics.json.
 
 TorchRec: see pipelines/bench/torchrec_dlrm.py; its batches are decoded beforehand (no loading
@@ -39,7 +39,7 @@ def add_throughput_args(parser) -> None:
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=None, help="our runs: steps (default: one epoch)")
     parser.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],
-                        help="headline run; auto = bf16 where it is faster (AMX/CUDA), else fp32")
+                        help="headline run; auto = bf16 where bf16 products measure faster, else fp32")
     parser.add_argument("--backend", default="cpu_fused", help="our lookup backend")
     parser.add_argument("--dense-lr", type=float, default=0.01, help="dense Adagrad lr (both models)")
     parser.add_argument("--table-lr", type=float, default=0.05, help="row-wise Adagrad lr (both models)")
@@ -177,7 +177,7 @@ def run_paired(args, dataset: Path, precision: str) -> dict:
 
 def run_throughput_bench(args) -> dict:
     from embtables.pipelines.bench.dense_bound import dense_bound
-    from embtables.pipelines.train.precision import bf16_supported, fast_bf16, resolve_precision
+    from embtables.pipelines.train.precision import bf16_supported, precision_record, resolve_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -185,7 +185,7 @@ def run_throughput_bench(args) -> dict:
     headline = resolve_precision(args.precision)
     report: dict = {"model": {"bottom": [13, *BOTTOM, DIM], "top": [*TOP, 1], "dim": DIM, "batch": args.batch},
                     "dataset": str(dataset), "backend": args.backend, "precision": headline,
-                    "precision_requested": args.precision, "bf16_fast_here": fast_bf16("cpu"),
+                    "precision_requested": args.precision, "precision_check": precision_record(args.precision),
                     "threads": args.threads or torch.get_num_threads(),
                     "load_average_before": list(os.getloadavg())}
     # The headline run, then the other precision: fp32 is the AUC reference for bf16.

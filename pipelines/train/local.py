@@ -14,7 +14,7 @@ from embtables.errors import EmbtablesError
 from embtables.pipelines.train.checkpoint import (latest_checkpoint, load_checkpoint, load_model_state,
                                             save_checkpoint, write_json_atomic)
 from embtables.pipelines.train.evaluate import evaluate
-from embtables.pipelines.train.precision import autocast_network
+from embtables.pipelines.train.precision import autocast_network, precision_record
 from embtables.pipelines.data.prefetch import Prefetcher, pin_batch
 from embtables.pipelines.train.build import build_model, resolve_inputs
 
@@ -245,6 +245,7 @@ def run_metrics(cfg, inputs, model, position) -> dict:
         "model": cfg["model"]["name"], "backends": sorted(set(emb.lookup.backends)),
         "embedding": emb.describe(), "dataset": str(inputs.dataset),
         "train_rows": inputs.stats["splits"]["train"]["rows"],
+        "precision": precision_record(cfg["train"].get("precision", "fp32")),  # the choice and its probe
     }
     if "planted" in inputs.stats:
         metrics["planted"] = inputs.stats["planted"]

@@ -8,6 +8,7 @@ and only while training: evaluation runs in fp32.
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 from pathlib import Path
 
@@ -30,16 +31,80 @@ def bf16_supported(device_type: str = "cpu") -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-@functools.cache
-def fast_bf16(device_type: str = "cpu") -> bool:
-    """bf16 matrix products beat fp32 here: CUDA, or a CPU with AMX tiles.
+# DLRM dense layer shapes (batch x in x out): a bottom layer, the interaction -> top layer, a wide top layer.
+PROBE_SHAPES = ((1024, 512, 256), (1024, 479, 1024), (1024, 1024, 1024))
+PROBE_MIN_SPEEDUP = 1.2  # a margin over fp32 so a noisy probe on a shared machine does not flip the choice
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
-    Measured on an AVX512-BF16 CPU without AMX: bf16 GEMMs ran at ~77 GFLOP/s per core vs
-    ~130 for fp32, so AVX512-BF16 alone does not count as fast.
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _bf16_product(a, b):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return a @ b
+
+
+def probe_matmuls(shapes=PROBE_SHAPES, repeats: int = 5) -> dict:
+    """GFLOP/s of fp32 matrix products with and without bf16 autocast, at `shapes`.
+
+    Autocast is timed as training runs it (fp32 tensors cast to bf16 per product). The two
+    precisions alternate, so load from other processes on a shared machine hits both alike, and
+    each keeps its best time of `repeats` (after a warm-up: oneDNN builds its kernel on the first call).
+    One thread, per core figures: a multi-threaded product waits for its slowest thread, so one
+    core taken by another process swamped the ratio (it read 0.99x..2.7x under load vs a steady 4.1x).
+    """
+    flops = fp32_s = bf16_s = 0.0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for rows, inner, cols in shapes:
+            a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+            a @ b, _bf16_product(a, b)
+            times = [(_seconds(lambda: a @ b), _seconds(lambda: _bf16_product(a, b))) for _ in range(repeats)]
+            fp32_s += min(t[0] for t in times)
+            bf16_s += min(t[1] for t in times)
+            flops += 2 * rows * inner * cols
+    finally:
+        torch.set_num_threads(threads)
+    return {"shapes": [list(s) for s in shapes], "threads": 1, "fp32_gflops": round(flops / fp32_s / 1e9, 1),
+            "bf16_gflops": round(flops / bf16_s / 1e9, 1), "speedup": round(fp32_s / bf16_s, 2)}
+
+
+@functools.cache
+def bf16_probe(device_type: str = "cpu") -> dict:
+    """Whether bf16 matrix products beat fp32 here, and the evidence (cached per process).
+
+    CUDA bf16 devices count as fast. A CPU needs bf16 dot-product instructions (AVX512_BF16 or
+    AMX; without them oneDNN emulates bf16 and it is slower) and then must win a short probe:
+    AVX512_BF16 alone was measured both ways on different chips (~0.6x on one, 3.4-4.4x on an
+    AMD EPYC), so the flags decide only whether to probe.
     """
     if not bf16_supported(device_type):
-        return False
-    return device_type == "cuda" or "amx_bf16" in _cpu_flags()
+        return {"fast": False, "reason": "no bf16 kernels"}
+    if device_type == "cuda":
+        return {"fast": True, "reason": "cuda bf16 device"}
+    flags = sorted(f for f in BF16_CPU_FLAGS if f in _cpu_flags())
+    if not flags:
+        return {"fast": False, "reason": "no AVX512_BF16 or AMX", "cpu_flags": flags}
+    probe = probe_matmuls()
+    fast = probe["speedup"] >= PROBE_MIN_SPEEDUP
+    return {"fast": fast, "reason": f"probe: bf16 {probe['speedup']}x fp32 (needs {PROBE_MIN_SPEEDUP}x)",
+            "cpu_flags": flags, "probe": probe}
+
+
+def fast_bf16(device_type: str = "cpu") -> bool:
+    """bf16 matrix products are measurably faster than fp32 here (see `bf16_probe`)."""
+    return bf16_probe(device_type)["fast"]
+
+
+def precision_record(precision: str, device_type: str = "cpu") -> dict:
+    """What metrics.json records: the precision asked for, the one run, and why."""
+    return {"requested": precision, "chosen": resolve_precision(precision, device_type),
+            "bf16_check": bf16_probe(device_type) if precision != "fp32" else None}
 
 
 def resolve_precision(precision: str, device_type: str = "cpu") -> str:
@@ -52,8 +117,8 @@ def resolve_precision(precision: str, device_type: str = "cpu") -> str:
         warnings.warn("train.precision bf16: no bf16 kernels on this device; training in fp32")
         return "fp32"
     if precision == "bf16" and not fast_bf16(device_type):
-        warnings.warn("train.precision bf16: this CPU has no AMX, bf16 matrix products are likely slower "
-                      "than fp32 here (train.precision: auto picks the faster one)")
+        warnings.warn("train.precision bf16: bf16 matrix products are not faster than fp32 here "
+                      f"({bf16_probe(device_type)['reason']}; train.precision: auto picks the faster one)")
     return precision
 
 
