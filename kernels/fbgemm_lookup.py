@@ -1,6 +1,13 @@
 """FBGEMM table-batched embedding (TBE) backend: every table in one fused kernel call.
 
 Row-wise Adagrad runs inside the TBE backward (EXACT_ROWWISE_ADAGRAD), on CPU or CUDA.
+
+Out-of-range ids raise an IndexError naming the table, as the other backends do. TBE's own
+bounds check only logs and maps them to row 0 (its default WARNING mode); its FATAL mode raises
+an opaque "Expected idx < num_rows" on CPU and a device assert that poisons the context on
+CUDA. So one vectorised check runs before TBE and TBE's check is off (NONE). Measured on CPU
+(26 tables × 4096 bags, one id each, 2 threads; /tmp script in the issue-13 report): TBE
+forward 0.95 ms with WARNING, 0.77 FATAL, 0.50 NONE; our check 0.13 ms.
 """
 from __future__ import annotations
 
@@ -40,7 +47,9 @@ class FbgemmLookup(nn.Module):
                  feature_tables: list[int] | None = None):
         super().__init__()
         from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
-        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+            BoundsCheckMode, EmbeddingLocation, PoolingMode,
+        )
         from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
             ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen,
         )
@@ -63,14 +72,34 @@ class FbgemmLookup(nn.Module):
             weights_precision=SparseType.FP32,
             pooling_mode=PoolingMode.SUM,
             device=device,
+            bounds_check_mode=BoundsCheckMode.NONE,  # `forward` checks (and raises) instead
         )
+        groups = range(len(self.tables)) if feature_tables is None else feature_tables
+        self._group_tables = list(groups)
+        self.register_buffer("_group_rows", torch.tensor([self.tables[t].rows for t in groups], device=device),
+                             persistent=False)
         with torch.no_grad():
             for weight, w in zip(self.tbe.split_embedding_weights(), initial_weights(self.tables, initial)):
                 weight.copy_(w)
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_bounds(indices, offsets)
         return self.tbe(indices, offsets, per_sample_weights=per_sample_weights)
+
+    def check_bounds(self, indices: torch.Tensor, offsets: torch.Tensor) -> None:
+        """IndexError naming the table if any id is outside [0, rows) of the table it reads."""
+        batch = (offsets.numel() - 1) // len(self._group_tables)
+        ends = (offsets[::batch] if batch else offsets[:1].repeat(len(self._group_tables) + 1)).long().contiguous()
+        limit = torch.repeat_interleave(self._group_rows, ends.diff(), output_size=indices.numel())
+        bad = (indices < 0) | (indices >= limit)
+        if not bool(bad.any()):  # one host sync
+            return
+        pos = int(bad.nonzero()[0])
+        group = int(torch.searchsorted(ends, torch.tensor(pos, device=ends.device), right=True)) - 1
+        table = self.tables[self._group_tables[group]]
+        raise IndexError(f"table {table.name!r}: index {int(indices[pos])} at position {pos} is out of "
+                         f"range [0, {table.rows})")
 
     def table_weights(self) -> list[torch.Tensor]:
         return list(self.tbe.split_embedding_weights())

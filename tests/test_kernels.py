@@ -5,6 +5,7 @@ import torch
 from embtables.kernels import FusedLookup, RowwiseAdagrad
 from embtables.specs import TableSpec
 
+from embtables.kernels import cpu_fused_available, fbgemm_available
 from helpers import needs_fbgemm
 
 
@@ -90,3 +91,22 @@ def test_lookup_state_round_trips_across_backends():
     indices, offsets = random_bags(TABLES, 8, 3, seed=11)
     with torch.no_grad():
         torch.testing.assert_close(src(indices, offsets), dst(indices, offsets), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu_fused", "fbgemm"])
+@pytest.mark.parametrize("bad_id", [7, 70, -1])
+def test_out_of_range_ids_raise_on_every_backend(backend, bad_id):
+    """An id ≥ rows (or negative) of the table it reads is an error, never a silent row 0."""
+    if backend == "fbgemm" and not fbgemm_available():
+        pytest.skip("fbgemm_gpu does not import")
+    if backend == "cpu_fused" and not cpu_fused_available():
+        pytest.skip("cpu_fused kernels are not built")
+    tables = [TableSpec("a", 50, 8), TableSpec("b", 7, 4)]
+    lookup = FusedLookup(tables, backend=backend, seed=0)
+    assert lookup.backends == [backend, backend]
+    # Bags: a=[3], a=[49, 1], b=[6], b=[2, bad]: the bad id sits in table b (7 rows), valid for a.
+    indices = torch.tensor([3, 49, 1, 6, 2, bad_id])
+    offsets = torch.tensor([0, 1, 3, 4, 6])
+    with pytest.raises((IndexError, RuntimeError), match=r"range \[0, 7\)"):
+        lookup(indices, offsets)
+    lookup(indices[:-1], offsets.clamp_max(5))  # the same bags without the bad id are fine
