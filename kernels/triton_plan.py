@@ -9,7 +9,8 @@ raw id, pools it over the bag, and the feature's output combines its parts:
           BITS      row = b + pext(code(id), a)            (binary_code block: a = the block's code bits)
     op    CONCAT    each part into its own columns         (full, hash, multiplexed, qr/bc concat)
           SUM       parts added                            (binary_code sum, qr add)
-          MULT      parts multiplied (two)                 (qr mult; the bag weight goes to part 0 only)
+          MULT      parts multiplied (two)                 (qr mult; the bag weight goes to part 0 only,
+                                                            or to both with qr's weight_both)
 
 The same arithmetic as the methods' `remap` + `combine` (tests check the two agree); nothing
 here imports triton, so plans can be built and inspected anywhere.
@@ -57,7 +58,7 @@ def method_plans(method) -> list[FeaturePlan]:
         op = {"mult": MULT, "add": SUM, "concat": CONCAT}[method.op]
         parts = [Part(q_kind, method.q_name, a=a),
                  Part(r_kind, method.r_name, a=a, col=method.q_dim if method.op == "concat" else 0,
-                      weighted=method.op != "mult")]
+                      weighted=method.op != "mult" or method.weight_both)]
         return [FeaturePlan(parts, op)]
     if name == "binary_code":
         masks = [0] * method.k
@@ -79,6 +80,9 @@ def method_plans(method) -> list[FeaturePlan]:
             scramble = (method.bits, max(1, method.bits // 2), _SCRAMBLE_MULT & mask)
         return [FeaturePlan(parts, op, scramble)]
     if name == "multiplexed":
+        if method.combiner != "sum":
+            raise ValueError(f"the Triton lookup pools bags by sum; multiplexed combiner {method.combiner!r} has "
+                             f"no plan (use another backend)")
         names = method.table_names()
         plans = []
         n = len(method.features)

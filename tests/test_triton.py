@@ -44,7 +44,7 @@ DIM, BATCH = 8, 4
 
 
 def methods_under_test():
-    f = [FeatureSpec(f"f{i}", rows) for i, rows in enumerate([40, 1000, 77, 300, 513, 90, 60, 2000])]
+    f = [FeatureSpec(f"f{i}", rows) for i, rows in enumerate([40, 1000, 77, 300, 513, 90, 60, 2000, 150, 700])]
     return [
         Full(f[0], DIM),
         Hash(f[1], DIM, rows=37),
@@ -53,6 +53,8 @@ def methods_under_test():
         BinaryCode(f[4], DIM, block_bits=[6, 4], layout="skip", fusion="sum", scramble=True),
         BinaryCode(f[5], DIM, block_bits=[3, 2, 2], layout="succession", fusion="sum"),
         Multiplexed(f[6:8], DIM, rows=23, chunks=2, tables=2),
+        QuotientRemainder(f[8], DIM, collisions=11, op="mult", frequency_aware=False, weight_both=True),
+        Multiplexed(f[9:10], DIM, rows=29, chunks=4),  # another chunk count (per-feature chunks)
     ]
 
 
@@ -118,7 +120,7 @@ def test_matches_remap_lookup_combine_over_several_steps():
     opt = RowwiseAdagrad(lr=0.1)
     ref = Reference(methods, opt, seed=4)
     fast = TritonMethodLookup(methods, opt, seed=4)
-    assert fast.plan.max_parts == 3
+    assert fast.plan.max_parts == 4
     for step in range(3):
         kjt = raw_ids(methods, seed=10 + step, weighted=step == 1)  # per-sample weights in step 1
         expected = ref.forward(kjt)
@@ -155,6 +157,13 @@ def test_rejects_methods_without_a_plan():
         name = "low_rank"
     with pytest.raises(ValueError, match="supports"):
         TritonMethodLookup([Odd()])
+
+
+@in_process
+def test_refuses_the_mean_combiner_clearly():
+    mean = Multiplexed([FeatureSpec("a", 50)], DIM, rows=7, chunks=2, combiner="mean")
+    with pytest.raises(ValueError, match="combiner 'mean'"):
+        TritonMethodLookup([mean])
 
 
 @in_process

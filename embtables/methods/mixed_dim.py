@@ -10,6 +10,12 @@ Feature mode: every feature is one block, p_f = 1/rows_f (uniform access within 
 as in the MDE paper). The default, auto, is block mode while every id keeps its own row and
 feature mode once the budget makes ids share rows (ratios beyond about d).
 
+Reference mode (`mode: reference`) is DLRM's `md_solver` with a base dim (its `--md-flag`): one
+block per feature, dims set by alpha alone (no budget, so no `ratio`): the feature with the
+fewest rows n_min keeps the base dim d, every other gets round(d·(n_min/n)^α), at least 1
+(α=0 gives d everywhere), and `round_dims` takes 2^round(log2 dim) as its `--md-round-dims`.
+Every id keeps its own row; a block below d is projected to d.
+
 λ is searched so tables + projections fit the budget; each feature's head block keeps d;
 the leftover of integer rounding goes to the most frequent blocks that can still grow
 (fill), and in block mode to a prefix of the next block, split off with one more dim. Where
@@ -25,6 +31,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
+from embtables.errors import ConfigError
 from embtables.methods.base import Method
 from embtables.specs import FP32_BYTES, FeatureSpec, TableSpec
 
@@ -240,7 +247,7 @@ class MixedDim(Method):
     def solve_group(cls, features: list[FeatureSpec], dim: int, ratio: float, *, mode: str = "auto",
                     share_budget: bool = True, blocks: int = 4, alpha: float = 0.3, full_head: bool = True,
                     align: int = 1, fill: bool = True, min_dim: int = 1, boundaries: list[int] | None = None,
-                    init_std: float = 0.01) -> list["MixedDim"]:
+                    init_std: float = 0.01, round_dims: bool = False) -> list["MixedDim"]:
         """Options: mode auto|block|feature (auto: block mode while every id keeps its own row,
         feature mode once the budget makes ids share rows — there blocks only fragment the
         shared rows and add projections, and measured worse); share_budget (block mode: one λ
@@ -250,9 +257,12 @@ class MixedDim(Method):
         rest); align (round dims ≥ align to its multiples where the budget allows); fill (spend
         the rounding leftover on the most frequent blocks, and in block mode on a prefix of the
         next block, split off with one more dim); min_dim (below it a block shares rows instead
-        of shrinking)."""
-        if mode not in ("auto", "block", "feature"):
-            raise ValueError(f"mixed_dim mode must be 'auto', 'block' or 'feature', got {mode!r}")
+        of shrinking); mode reference: DLRM's md_solver (see the module doc), round_dims its
+        power-of-2 rounding."""
+        if mode not in ("auto", "block", "feature", "reference"):
+            raise ValueError(f"mixed_dim mode must be 'auto', 'block', 'feature' or 'reference', got {mode!r}")
+        if mode == "reference":
+            return reference_plan(features, dim, ratio, alpha, round_dims, init_std)
         if boundaries and len(features) > 1:
             raise ValueError("mixed_dim boundaries are per feature; solve one feature at a time")
         opts = dict(alpha=alpha, full_head=full_head, align=align, fill=fill, min_dim=min_dim,
@@ -300,6 +310,31 @@ def _plan(features, ends, mode, dim, budget, *, alpha, full_head, align, fill, m
         methods.append(MixedDim(f, dim, f_ends, [dims[k] for k in mine], [rows[k] for k in mine],
                                 init_std=init_std, info=info))
     return methods
+
+
+def md_solver_dims(rows: list[int], alpha: float, base_dim: int, round_dims: bool = False) -> tuple[float, list[int]]:
+    """(λ, dims) of DLRM's md_solver with base dim d: λ = d·n_min^α, dim = round(λ·n^-α) ≥ 1,
+    the fewest-rows feature exactly d; round_dims: 2^round(log2 dim). Python's round, like
+    torch.round there, takes halves to even."""
+    smallest = min(rows)
+    lam = base_dim * smallest ** alpha
+    dims = [base_dim if n == smallest else max(1, round(lam * n ** -alpha)) for n in rows]
+    if round_dims:
+        dims = [2 ** round(math.log2(d)) for d in dims]
+    return lam, dims
+
+
+def reference_plan(features, dim, ratio, alpha, round_dims, init_std) -> list[MixedDim]:
+    """One block per feature at md_solver's dims (reference mode)."""
+    if ratio > 1:
+        raise ConfigError(f"mixed_dim mode 'reference' sets dims from alpha and embedding.dim (DLRM's md_solver); "
+                          f"leave out ratio ({ratio:g}), the achieved ratio is reported")
+    lam, dims = md_solver_dims([f.rows for f in features], alpha, dim, round_dims)
+    if max(dims) > dim:
+        raise ConfigError(f"mixed_dim round_dims: embedding.dim {dim} is not a power of 2, so rounding makes dims "
+                          f"{sorted(set(d for d in dims if d > dim))} above it; use a power of 2 or round_dims: false")
+    info = {"mode": "reference", "alpha": alpha, "lambda": lam, "round_dims": round_dims}
+    return [MixedDim(f, dim, [f.rows], [d], [f.rows], init_std=init_std, info=info) for f, d in zip(features, dims)]
 
 
 def block_means(probs: np.ndarray, ends: list[int]) -> list[float]:

@@ -18,6 +18,14 @@ chunks, two seeds) → 0.749/0.748 (4) → 0.751 (8); synth 100× 0.737 either w
 No frequency-aware rows: giving the most-looked-up ids private rows (tried with 25–50% of the
 rows) moved AUC by no more than run-to-run noise on MovieLens and synth, so it was left out.
 
+Options as TensorFlow Recommenders' unified-embedding layer allows them:
+- `combiner: sum | mean` pools a bag by sum (default) or mean (TPU embedding's default): each
+  id's weight becomes w / Σ_bag w (1/length unweighted) in remap, so every backend pools the mean.
+- `chunks` per feature ({feature: count}, the rest the default). There a feature's width is
+  count × the table width; here every feature returns d, so a feature's chunks are d/c wide,
+  and the features of each chunk count share one table (set) of that width, sized by their
+  share Σ n_f of the budget.
+
 A shared table is read by several slots, each pooled on its own: `lookups()` lists
 (slot key, table) pairs and the collection runs one fused lookup with a feature→table map.
 """
@@ -38,8 +46,11 @@ class Multiplexed(Method):
     name = "multiplexed"
 
     def __init__(self, features: list[FeatureSpec], dim: int, rows: int, chunks: int = 2,
-                 tables: int = 1, init_std: float = 0.01):
+                 tables: int = 1, init_std: float = 0.01, combiner: str = "sum"):
         super().__init__(features, dim)
+        if combiner not in COMBINERS:
+            raise ConfigError(f"embedding.compression.combiner: {combiner!r} is not one of {COMBINERS}")
+        self.combiner = combiner
         if chunks < 1 or dim % chunks:
             raise ValueError(f"multiplexed: chunks ({chunks}) must divide dim ({dim})")
         if tables < 1:
@@ -76,6 +87,8 @@ class Multiplexed(Method):
         # One pass per chunk over every feature's ids, each id hashed with its feature's salt.
         chunks = [salted_hash(values, self._salts[j].repeat_interleave(per_key)) % self.rows
                   for j in range(self.chunks)]
+        if self.combiner == "mean":
+            weights = mean_weights(lengths, weights, values.device)
         return KeyedJaggedTensor(keys=self.slot_keys(), values=torch.cat(chunks),
                                  lengths=lengths.repeat(self.chunks),
                                  weights=None if weights is None else weights.repeat(self.chunks))
@@ -93,21 +106,31 @@ class Multiplexed(Method):
 
     def hyperparameters(self) -> dict:
         return {"rows": self.rows, "chunks": self.chunks, "chunk_dim": self.chunk_dim, "tables": self.n_tables,
+                "combiner": self.combiner,
                 "achieved_ratio": round(self.full_bytes() / self.embedding_bytes(), 3)}
 
     # --- solving ------------------------------------------------------------------------
     @classmethod
-    def solve(cls, feature: FeatureSpec, dim: int, ratio: float, chunks: int | None = None, tables: int = 1,
-              init_std: float = 0.01) -> "Multiplexed":
-        return cls.solve_group([feature], dim, ratio, chunks=chunks, tables=tables, init_std=init_std)[0]
+    def solve(cls, feature: FeatureSpec, dim: int, ratio: float, **options) -> "Multiplexed":
+        return cls.solve_group([feature], dim, ratio, **options)[0]
 
     @classmethod
-    def solve_group(cls, features: list[FeatureSpec], dim: int, ratio: float, chunks: int | None = None,
-                    tables: int = 1, init_std: float = 0.01) -> list["Multiplexed"]:
-        """One method over all features: S·m rows of dim d/c hold Σ n_f·d / ratio floats."""
-        if chunks is None:
-            chunks = next(c for c in (4, 2, 1) if dim % c == 0)
-        if chunks < 1 or dim % chunks:
+    def solve_group(cls, features: list[FeatureSpec], dim: int, ratio: float, chunks: int | dict | None = None,
+                    tables: int = 1, init_std: float = 0.01, combiner: str = "sum") -> list["Multiplexed"]:
+        """One method over all features with one chunk count: S·m rows of dim d/c hold
+        Σ n_f·d / ratio floats. `chunks` as {feature: count}: one method per count."""
+        default = next(c for c in (4, 2, 1) if dim % c == 0)
+        per_feature = chunks if isinstance(chunks, dict) else {}
+        base = default if chunks is None or isinstance(chunks, dict) else chunks
+        counts = [per_feature.get(f.name, base) for f in features]
+        groups: dict[int, list[FeatureSpec]] = {}
+        for f, c in zip(features, counts):
+            groups.setdefault(c, []).append(f)
+        return [cls._solve_one(group, dim, ratio, c, tables, init_std, combiner) for c, group in groups.items()]
+
+    @classmethod
+    def _solve_one(cls, features, dim, ratio, chunks, tables, init_std, combiner) -> "Multiplexed":
+        if not isinstance(chunks, int) or chunks < 1 or dim % chunks:
             raise ConfigError(f"embedding.compression.chunks: {chunks} must divide embedding.dim ({dim})")
         floats = sum(f.rows for f in features) * dim / ratio
         rows = math.floor(floats / (tables * (dim // chunks)))
@@ -115,4 +138,15 @@ class Multiplexed(Method):
             raise ConfigError(f"compression ratio {ratio:g} is out of reach for method 'multiplexed' on "
                               f"{[f.name for f in features]}: even one row per table exceeds the budget "
                               f"of {4 * floats:.0f} bytes; lower the ratio or `tables`")
-        return [cls(features, dim, rows, chunks=chunks, tables=tables, init_std=init_std)]
+        return cls(features, dim, rows, chunks=chunks, tables=tables, init_std=init_std, combiner=combiner)
+
+
+COMBINERS = ("sum", "mean")
+
+
+def mean_weights(lengths: torch.Tensor, weights: torch.Tensor | None, device) -> torch.Tensor:
+    """Per-id weights that make a bag's weighted sum its mean: w / Σ_bag w (1/length unweighted)."""
+    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+    w = torch.ones(bag.numel(), device=device) if weights is None else weights.float()
+    total = torch.zeros(lengths.numel(), device=device).index_add_(0, bag, w)
+    return w / torch.where(total == 0, 1.0, total)[bag]
