@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,24 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+BACKENDS = ("auto", "fbgemm", "torch", "cpu_fused")
+SHARDINGS = ("table_wise", "column_wise", "row_wise", "table_row_wise")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e9` (no dot) as a string; read it as the number anyone means (as YAML 1.2 does)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def _did_you_mean(key: str, options) -> str:
     close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -92,7 +112,7 @@ def _merge(defaults: dict, given: dict, path: str) -> dict:
 def parse_value(text: str) -> Any:
     """`--set` values are YAML scalars/lists: 10, 0.5, true, [1,2], hash."""
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse value {text!r}: {e}") from None
 
@@ -118,7 +138,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -132,27 +152,76 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
     return cfg
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def check_config(cfg: dict) -> None:
+    """Every value within its allowed range, so nothing fails (or is silently ignored) mid-run."""
     def need(cond: bool, key: str, what: str) -> None:
         if not cond:
-            raise ConfigError(f"config key {key!r} {what}")
+            value = cfg
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            raise ConfigError(f"config key {key!r} {what}, got {value!r}")
 
-    need(cfg["data"]["train"] is not None, "data.train", "is required")
-    need(cfg["model"]["name"] in ("dlrm", "dcnv2"), "model.name", "must be dlrm or dcnv2")
-    need(isinstance(cfg["embedding"]["dim"], int) and cfg["embedding"]["dim"] > 0, "embedding.dim",
-         "must be a positive integer")
-    ratio = cfg["embedding"]["compression"].get("ratio", 1.0)
-    need(isinstance(ratio, (int, float)) and ratio >= 1, "embedding.compression.ratio", "must be a number >= 1")
-    for key in ("batch_size", "epochs", "workers"):
-        value = cfg["train"][key]
-        need(isinstance(value, int) and value > 0, f"train.{key}", "must be a positive integer")
-    need(cfg["train"]["optimizer"] in ("adam", "adagrad"), "train.optimizer", "must be adam or adagrad")
-    need(cfg["train"]["precision"] in ("fp32", "bf16", "auto"), "train.precision", "must be fp32, bf16 or auto")
-    need(isinstance(cfg["train"]["prefetch"], int) and cfg["train"]["prefetch"] >= 0, "train.prefetch",
-         "must be an integer >= 0")
-    for name, override in cfg["embedding"]["features"].items():
+    def integer(key: str, low: int, allow_none: bool = False) -> None:
+        section, name = key.split(".")
+        value = cfg[section][name]
+        if allow_none and value is None:
+            return
+        need(_is_int(value) and value >= low, key, f"must be an integer >= {low}" + (" or null" if allow_none else ""))
+
+    def positive(key: str, value, zero: bool = False) -> None:
+        ok = _is_number(value) and (value >= 0 if zero else value > 0)
+        need(ok, key, "must be a finite number " + (">= 0" if zero else "> 0"))
+
+    data, model, emb, tcfg = cfg["data"], cfg["model"], cfg["embedding"], cfg["train"]
+    need(data["train"] is not None, "data.train", "is required")
+    need(isinstance(data["label"], str), "data.label", "must be a column name")
+    integer("data.min_count", 1)
+    need(model["name"] in ("dlrm", "dcnv2"), "model.name", "must be dlrm or dcnv2")
+    for key in ("bottom_mlp", "top_mlp", "deep_mlp"):
+        need(isinstance(model[key], list) and all(_is_int(w) and w > 0 for w in model[key]), f"model.{key}",
+             "must be a list of positive integers")
+    integer("model.cross_layers", 0)
+    need(_is_number(model["dropout"]) and 0 <= model["dropout"] < 1, "model.dropout", "must be a number in [0, 1)")
+    integer("embedding.dim", 1)
+    need(emb["backend"] in BACKENDS, "embedding.backend", f"must be one of {', '.join(BACKENDS)}")
+    need(emb["backend"] != "fbgemm" or not _is_int(emb["dim"]) or emb["dim"] % 4 == 0, "embedding.dim",
+         "must be a multiple of 4 with embedding.backend fbgemm (FBGEMM TBE needs row widths in multiples of 4)")
+    for key in ("lr", "eps", "init_std"):
+        positive(f"embedding.{key}", emb[key])
+    _check_compression(need, "embedding.compression", emb["compression"])
+    for name, override in emb["features"].items():
         need(isinstance(override, dict) and set(override) <= {"compression"},
              f"embedding.features.{name}", "may only hold a 'compression' mapping")
+        if isinstance(override.get("compression"), dict):
+            _check_compression(need, f"embedding.features.{name}.compression", override["compression"])
+    for key in ("batch_size", "epochs", "workers", "eval_batch_size", "log_every"):
+        integer(f"train.{key}", 1)
+    integer("train.seed", 0)
+    integer("train.checkpoint_every_steps", 0)
+    integer("train.prefetch", 0)
+    integer("train.max_failures", 0)
+    integer("train.max_steps", 1, allow_none=True)
+    integer("train.threads", 1, allow_none=True)
+    positive("train.lr", tcfg["lr"])
+    positive("train.weight_decay", tcfg["weight_decay"], zero=True)
+    need(tcfg["optimizer"] in ("adam", "adagrad"), "train.optimizer", "must be adam or adagrad")
+    need(tcfg["precision"] in ("fp32", "bf16", "auto"), "train.precision", "must be fp32, bf16 or auto")
+    need(tcfg["sharding"] is None or tcfg["sharding"] in SHARDINGS, "train.sharding",
+         f"must be one of {', '.join(SHARDINGS)} (or unset)")
+
+
+def _check_compression(need, key: str, compression: dict) -> None:
+    ratio = compression.get("ratio", 1.0)
+    need(_is_number(ratio) and ratio >= 1, f"{key}.ratio", "must be a finite number >= 1")
+    need(isinstance(compression.get("method", "full"), str), f"{key}.method", "must be a method name")
 
 
 def sparse_names(cfg: dict) -> list[str] | None:

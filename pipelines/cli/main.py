@@ -91,7 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     except EmbtablesError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permission denied, a file where a directory should be, …
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def os_error_line(e: OSError) -> str:
+    """'PATH: No space left on device' (both paths for a failed rename)."""
+    what = e.strerror or str(e)
+    if e.filename is None:
+        return what
+    if e.filename2 is not None:
+        return f"{e.filename} → {e.filename2}: {what}"
+    return f"{e.filename}: {what}"
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
-"""Checkpoints of a training run: atomic, complete or absent, and enough to rebuild the model.
+"""Checkpoints of a training run: atomic, checksummed, complete or absent, enough to rebuild the model.
 
 Layout:  RUN/run.json                      dataset, resolved config, feature names
-         RUN/checkpoints/step-00000042/    state.pt (tables by name, dense state, optimizer, position)
-A checkpoint directory is written under a temporary name and renamed into place, so a crash
-mid-write never replaces the last good one.
+         RUN/checkpoints/step-00000042/    state.pt (tables by name, dense state, optimizer, position,
+                                           RNG), digests.json (sha256 of every other file)
+A checkpoint directory is written under a temporary name, its digests last, and renamed into
+place, so a crash mid-write never replaces the last good one. Readers verify the digests: a
+corrupt (bit-flipped, truncated) checkpoint is refused, and the newest intact one is used instead,
+with a warning naming both. Single-process and sharded (dist_checkpoint) checkpoints share the
+publish / rotate / verify code here.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +23,12 @@ import torch
 from embtables.errors import EmbtablesError
 
 LOOKUP_PREFIX = "embeddings.lookup."
+DIGESTS = "digests.json"
+KEEP = 2  # checkpoints kept per run: the newest and one to fall back to
+
+
+class CorruptCheckpoint(EmbtablesError):
+    pass
 
 
 def model_state(model) -> dict:
@@ -33,32 +45,109 @@ def load_model_state(model, state: dict) -> None:
     model.embeddings.lookup.load_lookup_state(state["tables"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, position: dict, keep: int = 2) -> Path:
+def rng_state() -> dict:
+    """The generators a step draws from (dropout, OptEmbed's sampled dims), so a resume continues them."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, position: dict) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     state = {**model_state(model), "optimizer": optimizer.state_dict() if optimizer else None,
-             "position": position, "step": step}
-    torch.save(state, tmp / "state.pt")
+             "position": position, "step": step, "rng": rng_state()}
+    try:
+        tmp.mkdir()
+        save_torch(state, tmp / "state.pt")
+        return publish(tmp, root / f"step-{step:08d}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not stay full of our partial write
+        raise
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save through a Python file, so a full disk is an OSError naming the path (not a RuntimeError)."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def publish(tmp: Path, final: Path) -> Path:
+    """Digest every file of the finished temporary dir, rename it into place, drop old checkpoints."""
+    digests = {f.name: file_digest(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+    with open(tmp / DIGESTS, "w") as f:
+        json.dump(digests, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
+    for old in checkpoint_dirs(final.parent.parent)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CorruptCheckpoint unless every file listed in digests.json is there with its digest."""
+    path = Path(path)
+    try:
+        digests = json.loads((path / DIGESTS).read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"checkpoint {path} has no readable {DIGESTS} ({e})") from None
+    for name, digest in digests.items():
+        f = path / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"checkpoint {path} is missing {name}")
+        if file_digest(f) != digest:
+            raise CorruptCheckpoint(f"checkpoint {path} is corrupt: {name} does not match its sha256")
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Finished checkpoint dirs, oldest first (intact or not)."""
+    return sorted((Path(run_dir) / "checkpoints").glob("step-*"))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted((Path(run_dir) / "checkpoints").glob("step-*"))
-    return done[-1] if done else None
+    """The newest intact checkpoint; a corrupt newer one is skipped with a warning naming both."""
+    found = checkpoint_dirs(run_dir)
+    bad = []
+    for ckpt in reversed(found):
+        try:
+            verify_checkpoint(ckpt)
+        except CorruptCheckpoint as e:
+            bad.append(str(e))
+            continue
+        for reason in bad:
+            print(f"warning: {reason}; falling back to {ckpt}", file=sys.stderr, flush=True)
+        return ckpt
+    if bad:
+        raise CorruptCheckpoint(f"no intact checkpoint in {run_dir}: " + "; ".join(bad))
+    return None
 
 
 def load_checkpoint(path: Path) -> dict:
     from embtables.pipelines.train.dist_checkpoint import is_sharded_checkpoint, load_full_state
 
+    verify_checkpoint(path)
     if is_sharded_checkpoint(path):  # written by a distributed run: gathered into whole tables
         return load_full_state(path)
     try:

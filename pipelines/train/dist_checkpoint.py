@@ -1,13 +1,15 @@
 """Sharded checkpoints of a distributed run (torch.distributed.checkpoint), atomic and readable
 by one process.
 
-Layout of RUN/checkpoints/step-N/ (written as .tmp-step-N/ and renamed when every rank is done):
+Layout of RUN/checkpoints/step-N/ (written as .tmp-step-N/ and published by pipelines.train.checkpoint
+when every rank is done: digests.json, rename, rotation):
   .metadata, __R_0.distcp     DCP: "model" (table shards + dense params), "fused" (row-wise
                               Adagrad state of each table shard)
   dense_optimizer.pt          dense optimizer state (replicated under DDP: rank 0 writes it)
   position.json               epoch, step, rows seen, history (global)
   consumed-rank-R.npy         row hashes rank R trained on in the current epoch (exactly-once)
   plan.json                   the sharding plan (to turn shards back into whole tables)
+  digests.json                sha256 of every file above, verified before any load
 `load_full_state` reads it without any process group into the single-process checkpoint
 format, so eval / export / load_run work on distributed runs unchanged.
 """
@@ -38,9 +40,11 @@ def _tables_state(dmp) -> dict:
 
 
 def save_sharded(run_dir: Path, step: int, dmp, optimizer, position: dict, consumed: np.ndarray,
-                 plan: dict, keep: int = 2) -> Path:
+                 plan: dict) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     import torch.distributed.checkpoint as dcp
+
+    from embtables.pipelines.train.checkpoint import publish, save_torch
 
     rank = dist.get_rank()
     root = Path(run_dir) / "checkpoints"
@@ -51,18 +55,18 @@ def save_sharded(run_dir: Path, step: int, dmp, optimizer, position: dict, consu
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    dcp.save(_tables_state(dmp), checkpoint_id=str(tmp))
-    np.save(tmp / f"consumed-rank-{rank}.npy", np.sort(consumed.astype(np.uint64)))
-    dist.barrier()  # every rank's files are complete before the directory becomes visible
-    if rank == 0:
-        torch.save(optimizer.state_dict(), tmp / "dense_optimizer.pt")
-        (tmp / "plan.json").write_text(json.dumps(plan))
-        (tmp / "position.json").write_text(json.dumps({**position, "step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted(root.glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        dcp.save(_tables_state(dmp), checkpoint_id=str(tmp))
+        np.save(tmp / f"consumed-rank-{rank}.npy", np.sort(consumed.astype(np.uint64)))
+        dist.barrier()  # every rank's files are complete before the directory becomes visible
+        if rank == 0:
+            save_torch(optimizer.state_dict(), tmp / "dense_optimizer.pt")
+            (tmp / "plan.json").write_text(json.dumps(plan))
+            (tmp / "position.json").write_text(json.dumps({**position, "step": step}))
+            publish(tmp, final)  # digests, rename, the one rotation
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no partial checkpoint left filling the disk
+        raise
     dist.barrier()
     return final
 

@@ -35,9 +35,11 @@ DATA_CPU_SHARE = 0.25  # of the cluster's CPUs kept for Ray Data (at least one C
 
 def train_distributed(cfg: dict, out, resume: bool = False, address: str | None = None,
                       progress: bool = True) -> dict:
-    from embtables.pipelines.train.checkpoint import latest_checkpoint, write_json_atomic
     from embtables.pipelines.train.build import resolve_inputs
-    from embtables.pipelines.train.local import prepare_out_dir, train
+    from embtables.pipelines.train.checkpoint import checkpoint_dirs, write_json_atomic
+    from embtables.pipelines.train.local import check_out_dir, prepare_out_dir, train
+    from embtables.pipelines.train.run_identity import check_resume, run_record
+    from embtables.pipelines.train.run_lock import run_lock
 
     tcfg = cfg["train"]
     if tcfg["workers"] == 1 and address is None and not _ray_connected():
@@ -45,18 +47,19 @@ def train_distributed(cfg: dict, out, resume: bool = False, address: str | None 
     if cfg["embedding"]["compression"].get("method") == "optembed":
         raise ConfigError("embedding.compression.method optembed runs single-process only (train.workers: 1)")
     out = Path(out).resolve()
+    check_out_dir(out, resume)
     inputs = resolve_inputs(cfg)  # bad config or data fails before the run dir exists
+    if resume:
+        check_resume(out, cfg, inputs)
     created = prepare_out_dir(out, resume)
     try:
-        for stale in (out / "checkpoints").glob(".tmp-step-*"):  # a crash mid-checkpoint
-            shutil.rmtree(stale, ignore_errors=True)
-        write_json_atomic(out / "run.json", {"config": cfg, "dataset": str(inputs.dataset),
-                                             "features": [f.name for f in inputs.features]})
-        (out / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if not k.startswith("_")},
-                                                        sort_keys=False))
-        _run_trainer(cfg, out, inputs, address)
+        with run_lock(out):  # held by the driver for the whole job; removes a killed run's temporaries
+            write_json_atomic(out / "run.json", run_record(cfg, inputs))
+            (out / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if not k.startswith("_")},
+                                                            sort_keys=False))
+            _run_trainer(cfg, out, inputs, address)
     except BaseException:
-        if created and latest_checkpoint(out) is None:
+        if created and not checkpoint_dirs(out):
             shutil.rmtree(out, ignore_errors=True)
         raise
     return json.loads((out / "metrics.json").read_text())
@@ -75,6 +78,7 @@ def _run_trainer(cfg, out: Path, inputs, address: str | None) -> None:
     from ray.train.torch import TorchTrainer
 
     from embtables.pipelines.data.ray_data import all_rows_data_config, dataset
+    from embtables.pipelines.train.checkpoint import KEEP
     from embtables.pipelines.train.sharding import allowed_sharding
 
     tcfg = cfg["train"]
@@ -107,7 +111,7 @@ def _run_trainer(cfg, out: Path, inputs, address: str | None) -> None:
             run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                                  storage_path=str(out / "ray"),
                                  failure_config=FailureConfig(max_failures=tcfg["max_failures"]),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=KEEP)),
             datasets=datasets, dataset_config=all_rows_data_config())
         try:
             trainer.fit()
@@ -206,6 +210,14 @@ class DistributedRun:
         label = step.local.label.to(self.device)
         return F.binary_cross_entropy_with_logits(logits, label, reduction="sum") * (
             weight * self.world / step.rows)
+
+    def finite(self, loss) -> bool:
+        """All ranks agree (one all-reduce), so every rank stops at the same step."""
+        import torch.distributed as dist
+
+        ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
 
     # --- checkpoints and evaluation ----------------------------------------------------
     def save(self, position: dict) -> None:

@@ -11,12 +11,15 @@ import yaml
 from tqdm import tqdm
 
 from embtables.errors import EmbtablesError
-from embtables.pipelines.train.checkpoint import (latest_checkpoint, load_checkpoint, load_model_state,
-                                            save_checkpoint, write_json_atomic)
+from embtables.pipelines.train.checkpoint import (checkpoint_dirs, latest_checkpoint, load_checkpoint,
+                                                  load_model_state, restore_rng, save_checkpoint,
+                                                  write_json_atomic)
 from embtables.pipelines.train.evaluate import evaluate
 from embtables.pipelines.train.precision import autocast_network, precision_record
 from embtables.pipelines.data.prefetch import Prefetcher, pin_batch
 from embtables.pipelines.train.build import build_model, resolve_inputs
+from embtables.pipelines.train.run_identity import check_resume, run_record
+from embtables.pipelines.train.run_lock import run_lock
 
 
 def make_optimizer(cfg_train: dict, params):
@@ -62,14 +65,32 @@ def make_model_optimizer(cfg_train: dict, model):
     return Optimizers(optimizers)
 
 
+def check_out_path(out: Path) -> None:
+    """`out` must be a directory or a path one can create (no file in the way)."""
+    if out.exists() and not out.is_dir():
+        raise EmbtablesError(f"--out {out} is a file, not a directory")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise EmbtablesError(f"--out {out}: {parent} is a file, not a directory")
+            break
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Before any work: `out` must be a directory to create, an empty one, or (resume) a run."""
+    check_out_path(out)
+    if resume:
+        if not (out / "run.json").is_file() and not (out / "supernet" / "run.json").is_file():
+            raise EmbtablesError(f"--resume: {out} holds no run to resume (no run.json)")
+    elif out.exists() and any(out.iterdir()):
+        raise EmbtablesError(f"output dir {out} is not empty; pick a new --out or pass --resume")
+
+
 def prepare_out_dir(out: Path, resume: bool) -> bool:
     """Create `out` (returns True if this call created it); refuse to overwrite a finished run."""
+    check_out_dir(out, resume)
     if resume:
-        if not (out / "run.json").is_file():
-            raise EmbtablesError(f"--resume: {out} holds no run to resume (no run.json)")
         return False
-    if out.exists() and any(out.iterdir()):
-        raise EmbtablesError(f"output dir {out} is not empty; pick a new --out or pass --resume")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     return created
@@ -83,16 +104,20 @@ def train(cfg: dict, out: str | Path, resume: bool = False, progress: bool = Tru
         from embtables.pipelines.train.optembed_stages import run_optembed
 
         return run_optembed(cfg, out, resume=resume, progress=progress)
+    check_out_dir(out, resume)
     # Everything that can fail on bad config or data runs before the output dir exists.
     inputs = resolve_inputs(cfg)
+    if resume:
+        check_resume(out, cfg, inputs)
     torch.manual_seed(tcfg["seed"])
     model = build_model(cfg, inputs)
     optimizer = make_model_optimizer(tcfg, model)
     created = prepare_out_dir(out, resume)
     try:
-        return _train(cfg, out, inputs, model, optimizer, resume, progress)
+        with run_lock(out):
+            return _train(cfg, out, inputs, model, optimizer, resume, progress)
     except BaseException:
-        if created and latest_checkpoint(out) is None:
+        if created and not checkpoint_dirs(out):
             shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping: leave no half-written run
         raise
 
@@ -115,10 +140,10 @@ def _train(cfg, out, inputs, model, optimizer, resume, progress, batch_filter=No
         state = load_checkpoint(ckpt)
         load_model_state(model, state)
         optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state.get("rng"))  # dropout / OptEmbed's sampled dims continue where they were
         position = state["position"]
         print(f"resuming from {ckpt.name}: epoch {position['epoch']}, row {position['rows_in_epoch']}")
-    write_json_atomic(out / "run.json", {"config": cfg, "dataset": str(inputs.dataset),
-                                         "features": [f.name for f in inputs.features]})
+    write_json_atomic(out / "run.json", run_record(cfg, inputs))
     (out / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if not k.startswith("_")},
                                                     sort_keys=False))
     emb = model.embeddings
@@ -159,6 +184,9 @@ class LocalRun:
     def loss(self, logits, batch):
         return self.loss_fn(logits, batch.label)
 
+    def finite(self, loss) -> bool:
+        return bool(torch.isfinite(loss))
+
     def save(self, position: dict) -> None:
         save_checkpoint(self.out, position["step"], self.model, self.optimizer, position)
 
@@ -195,6 +223,9 @@ def train_loop(run, position: dict, tcfg: dict, progress: bool, batch_filter=Non
             loss = run.loss(logits, batch)
             if (reg := model.embeddings.regularization()) is not None:
                 loss = loss + reg  # methods' own terms, e.g. OptEmbed's threshold penalty
+            if not run.finite(loss):  # before any update or checkpoint: the last one stays good
+                raise EmbtablesError(f"loss is {loss.item()} at step {position['step'] + 1} (epoch {epoch + 1}); "
+                                     f"training stopped, the last good checkpoint is kept in {run.out}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # table rows are updated inside this call (fused row-wise Adagrad)
             optimizer.step()

@@ -25,19 +25,25 @@ from embtables.errors import EmbtablesError
 from embtables.methods.build import build_methods
 from embtables.methods.optembed import OptEmbed, OptEmbedCompact, OptEmbedOptions, compact_bytes, load_plan, save_plan
 from embtables.metrics import roc_auc
-from embtables.pipelines.train.checkpoint import latest_checkpoint, model_state, write_json_atomic
+from embtables.pipelines.train.checkpoint import (checkpoint_dirs, latest_checkpoint, model_state, save_torch,
+                                                  write_json_atomic)
 from embtables.pipelines.train.evolution import evolve
 from embtables.pipelines.data.holdout import excluding_held_out, held_out, subset_batch
 from embtables.pipelines.train.build import build_model, load_run, resolve_inputs
-from embtables.pipelines.train.local import fit
+from embtables.pipelines.train.local import check_out_path, fit
+from embtables.pipelines.train.run_identity import check_resume
+from embtables.pipelines.train.run_lock import run_lock
 
 STAGES = ("supernet", "search", "retrain")
 
 
 def run_optembed(cfg: dict, out, resume: bool = False, progress: bool = True) -> dict:
     out = Path(out)
+    check_out_path(out)
     opts = OptEmbedOptions.from_compression(cfg["embedding"]["compression"])
     inputs = resolve_inputs(cfg)  # bad config or data fails here, before anything is written
+    if resume and ((out / "run.json").is_file() or (out / "supernet" / "run.json").is_file()):
+        check_resume(out, cfg, inputs)
     build_methods(inputs.features, _stage_cfg(cfg, opts, "supernet")["embedding"])  # option errors, cheaply
     todo = STAGES if opts.stage == "all" else (opts.stage,)
     paths = {"supernet": out / "supernet" / "metrics.json", "search": out / "search" / "plan.npz",
@@ -56,19 +62,20 @@ def run_optembed(cfg: dict, out, resume: bool = False, progress: bool = True) ->
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        for stage in todo:
-            if paths[stage].is_file():
-                print(f"optembed: {stage} already done, skipping")
-                continue
-            print(f"optembed: stage {stage}")
-            if stage == "supernet":
-                _supernet(cfg, out, inputs, opts, resume, progress)
-            elif stage == "search":
-                _search(cfg, out, inputs, opts)
-            else:
-                _retrain(cfg, out, inputs, opts, resume, progress)
+        with run_lock(out):
+            for stage in todo:
+                if paths[stage].is_file():
+                    print(f"optembed: {stage} already done, skipping")
+                    continue
+                print(f"optembed: stage {stage}")
+                if stage == "supernet":
+                    _supernet(cfg, out, inputs, opts, resume, progress)
+                elif stage == "search":
+                    _search(cfg, out, inputs, opts)
+                else:
+                    _retrain(cfg, out, inputs, opts, resume, progress)
     except BaseException:
-        if created and latest_checkpoint(out / "supernet") is None:
+        if created and not checkpoint_dirs(out / "supernet"):
             shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping
         raise
     if todo[-1] == "search":  # what `embtables train` prints, from the search's point of view
@@ -95,7 +102,7 @@ def _supernet(cfg, out, inputs, opts, resume, progress) -> dict:
     sdir.mkdir(parents=True, exist_ok=True)
     if not (sdir / "init.pt").is_file():  # the weights the retrain rewinds to
         tmp = sdir / f".init.pt.tmp-{os.getpid()}"
-        torch.save(model_state(model), tmp)
+        save_torch(model_state(model), tmp)
         os.replace(tmp, sdir / "init.pt")
     metrics = fit(cfg_s, sdir, inputs, model, resume=resuming, progress=progress,
                   batch_filter=excluding_held_out(opts.holdout, cfg["train"]["seed"]))
