@@ -42,3 +42,46 @@ def test_missing_file_and_bad_set(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(write(tmp_path, "data: {train: x}\n"), ["train.epochs"])
+
+
+# --- issue 14: every value range-checked before anything is written --------------------------
+@pytest.mark.parametrize("line, key, why", [
+    ("embedding: {compression: {ratio: .inf}}", "embedding.compression.ratio", "finite number >= 1"),
+    ("embedding: {compression: {ratio: abc}}", "embedding.compression.ratio", "finite number >= 1"),
+    ("embedding: {features: {C1: {compression: {ratio: .nan}}}}", "embedding.features.C1.compression.ratio", "finite"),
+    ("embedding: {backend: tpu}", "embedding.backend", "auto, fbgemm, torch, cpu_fused"),
+    ("embedding: {lr: abc}", "embedding.lr", "> 0"),
+    ("embedding: {dim: 3, backend: fbgemm}", "embedding.dim", "multiple of 4"),
+    ("train: {lr: -1}", "train.lr", "> 0"),
+    ("train: {seed: abc}", "train.seed", "integer >= 0"),
+    ("train: {seed: true}", "train.seed", "integer >= 0"),
+    ("train: {checkpoint_every_steps: often}", "train.checkpoint_every_steps", "integer >= 0"),
+    ("train: {checkpoint_every_steps: -1}", "train.checkpoint_every_steps", "integer >= 0"),
+    ("train: {max_steps: 0}", "train.max_steps", "integer >= 1 or null"),
+    ("train: {sharding: diagonal}", "train.sharding", "table_wise, column_wise"),
+    ("train: {eval_batch_size: 0}", "train.eval_batch_size", "integer >= 1"),
+    ("train: {weight_decay: -0.1}", "train.weight_decay", ">= 0"),
+    ("model: {dropout: 2}", "model.dropout", "[0, 1)"),
+    ("model: {bottom_mlp: [8, -1]}", "model.bottom_mlp", "positive integers"),
+])
+def test_every_value_has_its_range(tmp_path, line, key, why):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, f"data: {{train: x}}\n{line}\n"))
+    assert f"'{key}'" in str(e.value) and why in str(e.value)
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    """YAML 1.1 reads 1e9 as a string; a ratio of 1e9 means the number."""
+    cfg = load_config(write(tmp_path, "data: {train: x}\nembedding: {compression: {method: hash, ratio: 1e9}}\n"),
+                      ["train.lr=5e-4"])
+    assert cfg["embedding"]["compression"]["ratio"] == 1e9 and cfg["train"]["lr"] == 5e-4
+
+
+def test_bad_value_on_the_command_line_is_one_error_line_and_writes_nothing(tmp_path, capsys):
+    from embtables.pipelines.cli.main import main
+
+    cfg = write(tmp_path, "data: {train: x}\nembedding: {compression: {method: hash, ratio: .inf}}\n")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config key 'embedding.compression.ratio'") and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

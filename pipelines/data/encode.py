@@ -53,6 +53,9 @@ def _check_numeric(path: Path, name: str, t: pa.DataType, role: str) -> None:
 def _check_schema(path: Path, schema: pa.Schema, label: str, dense: list[str], sparse: list[str],
                   kinds: dict) -> None:
     """Type-check one file and make sure every file agrees on each sparse column's kind."""
+    twice = sorted({n for n in schema.names if schema.names.count(n) > 1})
+    if twice:  # pyarrow cannot tell which one is meant
+        raise DataError(f"{path}: column name(s) {', '.join(map(repr, twice))} appear more than once")
     _check_numeric(path, label, schema.field(label).type, "label")
     for name in dense:
         _check_numeric(path, name, schema.field(name).type, "dense")
