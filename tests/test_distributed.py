@@ -248,6 +248,15 @@ def test_sharded_lookup_matches_the_fused_one_and_checkpoints_read_whole(synth, 
     with torch.no_grad():
         mine = model(batch.dense[:, inputs.dense_index], batch.sparse)
     assert torch.allclose(mine, result["trained"], atol=1e-6)
+    # Sharded checkpoints carry digests too: one flipped bit in a shard file is refused.
+    from embtables.pipelines.train.checkpoint import CorruptCheckpoint
+
+    shard = sorted(latest_checkpoint(tmp_path).glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match=shard.name):
+        load_checkpoint(shard.parent)
 
 
 def _padded_training(rank, data, port, result_dir):
@@ -297,6 +306,11 @@ def test_sigkill_then_resume_sees_every_row_exactly_epochs_times(synth, tmp_path
     finally:
         kill_session(proc.pid)
     assert not (out / "metrics.json").exists()
+    # Another seed would reshuffle mid-epoch: refused before Ray starts, naming the key.
+    refused = subprocess.run(CLI + ["train", str(ROOT / "configs" / "demo.yaml"), "--out", str(out), "--resume"]
+                             + [a for o in overrides(synth, **{"train.workers": 2, "train.seed": 7})
+                                for a in ("--set", o)], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "train.seed 0 → 7" in refused.stderr and "Traceback" not in refused.stderr
     finish(launch(synth, out, "--resume", **{"train.workers": 2, "train.checkpoint_every_steps": 8}))
 
     assert "resuming from step-" in (tmp_path / "run.log").read_text()
