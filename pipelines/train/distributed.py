@@ -115,8 +115,9 @@ def _run_trainer(cfg, out: Path, inputs, address: str | None) -> None:
             datasets=datasets, dataset_config=all_rows_data_config())
         try:
             trainer.fit()
-        except Exception as e:
-            raise EmbtablesError(f"distributed training failed: {e}") from e
+        except Exception as e:  # the worker's exception comes wrapped with its traceback: keep its last line
+            last = next((line for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
+            raise EmbtablesError(f"distributed training failed: {last.strip()}") from e
     finally:
         if started:
             ray.shutdown()
