@@ -6,7 +6,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from embtables.kernels import FusedLookup, RowwiseAdagrad
-from embtables.methods.base import Method
+from embtables.methods.base import Method, concat_remapped
 from embtables.specs import FeatureSpec, TableSpec
 
 
@@ -88,7 +88,7 @@ class EmbeddingCollection(nn.Module):
 
     def _physical(self, ordered: KeyedJaggedTensor) -> KeyedJaggedTensor:
         parts = ordered.split([len(m.features) for m in self.methods])
-        return KeyedJaggedTensor.concat([m.remap(p) for m, p in zip(self.methods, parts)])
+        return concat_remapped([m.remap(p) for m, p in zip(self.methods, parts)])
 
     def _pooled(self, ordered: KeyedJaggedTensor) -> torch.Tensor:
         """[B, Σ key dims]: every lookup key's pooled rows, keys in order, from the fused lookup."""

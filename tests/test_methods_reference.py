@@ -214,3 +214,37 @@ def test_multiplexed_per_feature_chunk_counts():
     assert_export_round_trips(feats, make(), batch)
     with pytest.raises(ConfigError, match="divide"):
         from_config(feats, 16, {"method": "multiplexed", "ratio": 8, "chunks": {"a": 3}})
+
+
+# --- through the config, training and metrics.json -----------------------------------------------
+def test_reference_options_train_and_report_in_metrics(tmp_path):
+    import json
+
+    from embtables.config import load_config
+    from embtables.pipelines.data.ingest_synth import ingest as ingest_synth
+    from embtables.pipelines.train.local import train
+
+    data = ingest_synth(tmp_path / "synth", preset="tiny", rows=3000, seed=1)  # C1..C4: 4, 11, 100, 472 rows
+    features = {"C3": {"compression": {"method": "qr", "collisions": 4, "frequency_aware": False,
+                                       "weight_both": True}},
+                "C4": {"compression": {"method": "multiplexed", "ratio": 4, "combiner": "mean", "chunks": {"C4": 2}}}}
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data: {{train: {data}}}\nmodel: {{name: dlrm, bottom_mlp: [8], top_mlp: [16]}}\n"
+                   "embedding: {dim: 8, backend: torch, compression: {method: mixed_dim, mode: reference, "
+                   f"alpha: 0.5, round_dims: true}}, features: {json.dumps(features)}}}\n"
+                   "train: {batch_size: 256, epochs: 1, threads: 1}\n")
+    metrics = train(load_config(cfg), tmp_path / "run", progress=False)
+    reported = json.loads((tmp_path / "run" / "metrics.json").read_text())["embedding"]
+    hyper = {tuple(m["features"]): m.get("hyperparameters", {}) for m in reported}
+    # md_solver over C1 (4 rows) and C2 (11 rows): 8 and round(8·(4/11)^0.5) = round(4.82) = 5 → 4
+    assert [hyper[(f,)]["blocks"][0]["dim"] for f in ("C1", "C2")] == [8, 4]
+    assert hyper[("C1",)]["mode"] == "reference"
+    assert (hyper[("C3",)]["collisions"], hyper[("C3",)]["q_rows"], hyper[("C3",)]["weight_both"]) == (4, 25, True)
+    assert (hyper[("C4",)]["combiner"], hyper[("C4",)]["chunks"]) == ("mean", 2)
+    assert metrics["auc"] > 0.5
+    # The export (weighted remap next to unweighted ones) serves the trained model's scores.
+    from embtables.pipelines.serve.export import export_run
+    from embtables.pipelines.serve.predict import predict
+
+    served = predict(export_run(tmp_path / "run", tmp_path / "export"), data, tmp_path / "p.parquet", progress=False)
+    assert served["auc"] == pytest.approx(metrics["auc"], abs=1e-4)

@@ -146,3 +146,14 @@ def single_feature_kjt(key: str, ids: KeyedJaggedTensor, values: torch.Tensor,
     return KeyedJaggedTensor(keys=[key], values=values,
                              lengths=ids.lengths() if lengths is None else lengths,
                              weights=ids.weights_or_none())
+
+
+def concat_remapped(parts: list[KeyedJaggedTensor]) -> KeyedJaggedTensor:
+    """The methods' remap outputs as one KJT. When some carry weights (e.g. a mean combiner's
+    1/length) and others not, the unweighted get weight 1, which pools the same sum."""
+    if len({p.weights_or_none() is None for p in parts}) > 1:
+        parts = [p if p.weights_or_none() is not None else
+                 KeyedJaggedTensor(keys=p.keys(), values=p.values(), lengths=p.lengths(),
+                                   weights=torch.ones(p.values().numel(), device=p.values().device))
+                 for p in parts]
+    return KeyedJaggedTensor.concat(parts)

@@ -19,6 +19,7 @@ from torchrec import KeyedJaggedTensor
 
 from embtables.serving import method_tensors
 from embtables.errors import ConfigError, ExportError
+from embtables.methods.base import concat_remapped
 from embtables.serving.format import (DENSE_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT, EXPORT_VERSION, MANIFEST,
                               embtables_version, file_sha256, tensor_sha256)
 from embtables.serving.lookup import ServingLookup
@@ -164,7 +165,7 @@ class InferenceModel(nn.Module):
             raise ExportError(f"input lacks sparse features {missing}; the model needs {self.features}")
         sparse = sparse.permute([index[n] for n in self._method_order]).to(self.device)
         parts = sparse.split([len(m.features) for m in self.methods])
-        physical = KeyedJaggedTensor.concat([m.remap(p) for m, p in zip(self.methods, parts)])
+        physical = concat_remapped([m.remap(p) for m, p in zip(self.methods, parts)])
         if physical.keys() != self._keys:
             raise ExportError(f"remap produced keys {physical.keys()}, the export lists {self._keys}")
         pooled_all = self.lookup(physical.values().long(), physical.offsets().long(), physical.weights_or_none())
