@@ -134,14 +134,6 @@ class EmbeddingCollection(nn.Module):
                  **({"hyperparameters": m.hyperparameters()} if m.hyperparameters() else {})}
                 for m in self.methods]
 
-    def torchrec_configs(self):
-        """The physical tables as TorchRec EmbeddingBagConfigs (one feature per table), for sharding."""
-        from torchrec import EmbeddingBagConfig, PoolingType
-
-        return [EmbeddingBagConfig(name=t.name, embedding_dim=t.dim, num_embeddings=t.rows,
-                                   feature_names=[k for k, n in self.keys if n == t.name],
-                                   pooling=PoolingType.SUM) for t in self.tables]
-
 
 class _PermuteColumns(torch.autograd.Function):
     """x[:, order] whose backward is the inverse gather g[:, inverse], not a scatter-add."""

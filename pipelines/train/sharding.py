@@ -1,70 +1,29 @@
-"""Sharded tables: a TorchRec EmbeddingBagCollection over the physical tables, planned by the
-TorchRec planner and placed by DistributedModelParallel; the plan goes to DIR/plan.json.
-
-Odd dims: FBGEMM TBE (the kernel behind every sharded table) needs dims that are multiples of
-4, and compressed methods produce any dim (mixed_dim blocks, low-rank factors, binary codes).
-Such tables are padded to the next multiple of 4 inside the EBC and the pooled output is cut
-back. The padded columns start at zero and get zero gradient, so they stay zero; row-wise
-Adagrad averages g² over the padded row, which shrinks the accumulator by c = dim/padded, so
-lr and eps are scaled by sqrt(c) and the update is exactly the unpadded one (table-wise).
+"""Sharded tables: the physical tables as one TorchRec EmbeddingBagCollection (the library's
+TorchRecTables, odd dims padded to 4), planned by the TorchRec planner and placed by
+DistributedModelParallel; the plan goes to DIR/plan.json.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import replace
-
 import torch
-from torch import nn
 
 from embtables.errors import ConfigError
+from embtables.kernels import RowwiseAdagrad
+from embtables.torchrec_tables import TorchRecTables, padded_dim
 
 CPU_SHARDING = ("table_wise", "column_wise")
 GPU_SHARDING = ("table_wise", "row_wise", "column_wise", "table_row_wise")
 FP32 = 4
 
 
-def padded_dim(dim: int) -> int:
-    return -(-dim // 4) * 4
-
-
-def adagrad_scale(dim: int) -> float:
-    """Factor on lr and eps that makes row-wise Adagrad on the padded row equal the unpadded one."""
-    return math.sqrt(dim / padded_dim(dim))
-
-
-class ShardedLookup(nn.Module):
-    """Physical KJT (one key per table) → {table name: pooled [B, dim]} through one TorchRec EBC.
+class ShardedLookup(TorchRecTables):
+    """Physical KJT (one key per lookup key) → {key: pooled [B, dim]} through one TorchRec EBC.
 
     Built on the meta device: DistributedModelParallel allocates only this rank's shards.
     Row-wise Adagrad is fused into the backward of each table (apply_optimizer_in_backward).
     """
 
     def __init__(self, collection, lr: float, eps: float):
-        super().__init__()
-        from torchrec import EmbeddingBagCollection
-        from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-        from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
-
-        configs = [replace(c, embedding_dim=padded_dim(c.embedding_dim)) for c in collection.torchrec_configs()]
-        bad = [c.name for c in configs if "." in c.name]
-        if bad:
-            raise ConfigError(f"table names may not contain '.' under sharding: {bad}")
-        self.ebc = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
-        table_dims = {t.name: t.dim for t in collection.tables}
-        self.dims = {key: table_dims[t] for key, t in collection.keys}  # pooled per lookup key
-        for t in collection.tables:
-            s = adagrad_scale(t.dim)
-            apply_optimizer_in_backward(RowWiseAdagrad, [self.ebc.embedding_bags[t.name].weight],
-                                        {"lr": lr * s, "eps": eps * s})
-
-    @property
-    def backends(self) -> list[str]:
-        return ["torchrec"] * len(self.dims)
-
-    def forward(self, physical) -> dict[str, torch.Tensor]:
-        pooled = self.ebc(physical).to_dict()
-        return {name: pooled[name][:, :d] if pooled[name].shape[1] != d else pooled[name]
-                for name, d in self.dims.items()}
+        super().__init__(collection.tables, collection.keys, RowwiseAdagrad(lr=lr, eps=eps), device="meta")
 
 
 def attach_sharded_lookup(model, lr: float, eps: float) -> ShardedLookup:
