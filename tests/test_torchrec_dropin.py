@@ -1,0 +1,153 @@
+"""TorchRec drop-in (issue 13): CompressedEmbeddingBagCollection inside TorchRec's own DLRM models,
+its training loop and DistributedModelParallel; exports served by TorchRec's quantized EBC."""
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec.datasets.random import RandomRecDataset
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection, DLRMTrain
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from embtables import CompressedEmbeddingBagCollection
+from embtables.frequency_order import FrequencyOrder
+
+KEYS = [f"cat_{i}" for i in range(4)]
+HASH = 2000
+DIM = 8
+METHODS = ["hash", "qr", "mixed_dim", "multiplexed", "low_rank", "binary_code"]
+
+
+def configs(pooling=PoolingType.SUM) -> list[EmbeddingBagConfig]:
+    """cat_0 and cat_1 share one table (TorchRec's several feature names per table)."""
+    return [EmbeddingBagConfig(name="t_shared", embedding_dim=DIM, num_embeddings=HASH, feature_names=KEYS[:2]),
+            EmbeddingBagConfig(name="t_2", embedding_dim=DIM, num_embeddings=HASH, feature_names=[KEYS[2]]),
+            EmbeddingBagConfig(name="t_3", embedding_dim=DIM, num_embeddings=HASH // 2, feature_names=[KEYS[3]],
+                               pooling=pooling)]
+
+
+def batches(n_generated=2, batch_size=64, seed=0):
+    return iter(RandomRecDataset(keys=KEYS, batch_size=batch_size, hash_sizes=[HASH, HASH, HASH, HASH // 2],
+                                 ids_per_feature=2, num_dense=5, manual_seed=seed,
+                                 num_generated_batches=n_generated))
+
+
+def dlrm(ebc, kind=DLRM):
+    extra = {"dcn_num_layers": 2, "dcn_low_rank_dim": 4} if kind is DLRM_DCN else {}
+    if kind is DLRM_Projection:
+        extra = {"interaction_branch1_layer_sizes": [16, 2 * DIM], "interaction_branch2_layer_sizes": [16, DIM]}
+    return kind(embedding_bag_collection=ebc, dense_in_features=5, dense_arch_layer_sizes=[16, DIM],
+                over_arch_layer_sizes=[16, 1], **extra)
+
+
+def compressed(method, ratio=10.0, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no counts: the frequency-agnostic form (tested below)
+        return CompressedEmbeddingBagCollection(tables=configs(), compression={"method": method, "ratio": ratio},
+                                                **kw)
+
+
+def train(model, steps=50):
+    """TorchRec's usual loop: DLRMTrain, fused sparse optimizer, a dense one on the other params."""
+    train_model = DLRMTrain(model)
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(train_model.named_parameters())),
+                                  lambda params: torch.optim.Adagrad(params, lr=0.05))
+    it, losses = batches(), []
+    for _ in range(steps):
+        loss, _ = train_model(next(it))
+        dense.zero_grad()
+        loss.backward()
+        dense.step()
+        losses.append(loss.item())
+    return losses
+
+
+# Two cases in the fast suite (each ~10 s on a busy 2-core machine); the whole matrix is `slow`.
+FAST = {("qr", DLRM), ("mixed_dim", DLRM_DCN)}
+MATRIX = [pytest.param(m, k, id=f"{m}-{k.__name__}", marks=() if (m, k) in FAST else pytest.mark.slow)
+          for k in (DLRM, DLRM_DCN) for m in METHODS]
+
+
+@pytest.mark.parametrize("method,kind", MATRIX)
+def test_torchrec_dlrm_trains_with_compressed_tables(method, kind):
+    torch.manual_seed(0)
+    ebc = compressed(method)
+    assert ebc.full_embedding_bytes() / ebc.embedding_bytes() >= 10 * (1 - 1e-9)
+    model = dlrm(ebc, kind)
+    losses = train(model)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
+    assert ebc.fused_optimizer(), "row-wise Adagrad is fused into the tables' backward"
+
+
+def test_dlrm_projection_takes_it():
+    torch.manual_seed(0)
+    model = dlrm(compressed("hash"), DLRM_Projection)
+    b = next(batches())
+    assert model(b.dense_features, b.sparse_features).shape == (64, 1)
+
+
+def test_full_method_equals_torchrec_ebc_given_the_same_weights():
+    torch.manual_seed(0)
+    tables = configs(PoolingType.MEAN)
+    ours = dlrm(CompressedEmbeddingBagCollection(tables=tables, compression={"method": "full"}))
+    theirs = dlrm(EmbeddingBagCollection(tables=configs(PoolingType.MEAN)))
+    for arch in ("dense_arch", "inter_arch", "over_arch"):
+        getattr(theirs, arch).load_state_dict(getattr(ours, arch).state_dict())
+    ebc = ours.sparse_arch.embedding_bag_collection
+    assert ebc.embedding_bag_configs() == tables
+    with torch.no_grad():
+        for m, w in zip(ebc.methods, ebc.tables.table_weights()):
+            theirs.sparse_arch.embedding_bag_collection.embedding_bags[m.feature_names[0]].weight.copy_(w)
+    b = next(batches())
+    kt = ebc(b.sparse_features)
+    ref = theirs.sparse_arch.embedding_bag_collection(b.sparse_features)
+    assert kt.keys() == ref.keys() == KEYS and kt.length_per_key() == ref.length_per_key()
+    torch.testing.assert_close(kt.values(), ref.values(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours(b.dense_features, b.sparse_features),
+                               theirs(b.dense_features, b.sparse_features), rtol=0, atol=1e-6)
+
+
+def test_counts_order_ids_and_without_counts_the_agnostic_form_is_said():
+    with pytest.warns(UserWarning, match="frequency-agnostic"):
+        blind = CompressedEmbeddingBagCollection(tables=configs(), compression={"method": "mixed_dim", "ratio": 4})
+    assert {d["frequency"]["t_2"] for d in blind.describe() if "t_2" in d["tables"]} == {"agnostic (no counts)"}
+    assert blind.hyperparameters()["t_2"]["mode"] == "feature"
+    # Raw ids whose frequent ones are scattered: counts put them first, in frequency order.
+    rng = np.random.default_rng(0)
+    counts = np.zeros(HASH)
+    hot = rng.permutation(HASH)[:50]
+    counts[hot] = np.arange(1000, 950, -1)
+    counts[counts == 0] = 1
+    ebc = CompressedEmbeddingBagCollection(tables=configs(), counts={"t_2": counts},
+                                           compression={"t_2": {"method": "mixed_dim", "ratio": 4}})
+    order = ebc.orders["t_2"]
+    assert order(torch.as_tensor(hot[:5])).tolist() == [0, 1, 2, 3, 4]
+    assert sorted(order(torch.arange(HASH)).tolist()) == list(range(HASH))  # a bijection
+    assert ebc.hyperparameters()["t_2"]["mode"] == "block"
+    assert ebc.full_embedding_bytes() / ebc.embedding_bytes() >= 1.0
+    t2_full = HASH * DIM * 4
+    t2 = next(d for d in ebc.describe() if "t_2" in d["tables"])
+    assert t2["embedding_bytes"] + sum(b.numel() * 4 for b in order.buffers()) <= t2_full / 4
+    # the same from a sample KJT
+    sample = KeyedJaggedTensor.from_lengths_sync(keys=["cat_2"], values=torch.as_tensor(np.repeat(hot, 3)),
+                                                 lengths=torch.ones(150, dtype=torch.int64))
+    assert FrequencyOrder.fit(np.bincount(np.repeat(hot, 3), minlength=HASH), DIM, 4)[0] is not None
+    ebc2 = CompressedEmbeddingBagCollection(tables=configs(), sample=sample,
+                                            compression={"t_2": {"method": "mixed_dim", "ratio": 4}})
+    assert ebc2.frequency["t_2"] == "counts" and "t_2" in ebc2.orders
+
+
+def test_bad_ids_and_bad_compression_are_errors():
+    ebc = compressed("hash")
+    b = next(batches())
+    bad = KeyedJaggedTensor.from_lengths_sync(keys=KEYS, values=torch.tensor([0, 1, 2, HASH // 2]),
+                                              lengths=torch.ones(4, dtype=torch.int64))
+    with pytest.raises(IndexError, match="cat_3"):
+        ebc(bad)
+    with pytest.raises(ValueError, match="unknown tables"):
+        CompressedEmbeddingBagCollection(tables=configs(), compression={"t_9": {"method": "hash"}})
+    assert ebc(b.sparse_features).values().shape == (64, 4 * DIM)
