@@ -36,15 +36,13 @@ def adagrad_scale(dim: int) -> float:
 
 
 def _init(spec: TableSpec, weight: torch.Tensor) -> None:
-    """The table's own init on its real columns, zeros on the padding (TorchRec calls it on
-    unsharded tables; shards are filled by the caller or by TorchRec's init)."""
+    """The table's own init, as TorchRec's init_fn: called on whole tables or on shards of any
+    shape (padding columns included: they get no gradient, so their values never matter)."""
     with torch.no_grad():
-        weight.zero_()
-        real = weight[:, :spec.dim]
         if spec.init_bound is not None:
-            real.uniform_(-spec.init_bound, spec.init_bound)
+            weight.uniform_(-spec.init_bound, spec.init_bound)
         else:
-            real.normal_(0.0, spec.init_std)
+            weight.normal_(0.0, spec.init_std)
 
 
 def table_configs(tables: list[TableSpec], keys: list[tuple[str, str]]) -> list[EmbeddingBagConfig]:

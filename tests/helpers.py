@@ -1,4 +1,6 @@
 """Shared test helpers: hand-made id batches, Zipf-counted features and backend markers."""
+import socket
+
 import numpy as np
 import pytest
 import torch
@@ -55,3 +57,10 @@ def assert_a_step_changes_every_table(coll, features: list[FeatureSpec]) -> None
     (coll(random_batch(features, 256, 1)) ** 2).sum().backward()
     for t, w0, w1 in zip(coll.tables, before, coll.lookup.table_weights()):
         assert not torch.equal(w0, w1), f"table {t.name} did not change"
+
+
+def free_port() -> int:
+    """A port nobody listens on now (the OS picks it), for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 from embtables.config import load_config
 
@@ -206,13 +206,6 @@ def _sharded_equals_unsharded(rank, world, data, port, result_dir, sets=()):
     if rank == 0:
         torch.save({"diff": diff, "trained": trained, "summary": summary}, Path(result_dir) / "result.pt")
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    """A port nobody listens on now (the OS picks it), for a process group's rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 SHARED_TABLES = ("embedding.compression.method=multiplexed", "embedding.compression.ratio=4")
