@@ -200,3 +200,47 @@ def test_distributed_model_parallel_shards_it_and_matches_one_process(tmp_path):
     result = torch.load(tmp_path / "dmp.pt")
     assert result["diff"] < 1e-6
     assert result["fused_state"], "the fused row-wise Adagrad state shows in model.fused_optimizer"
+
+
+# --- exports served by TorchRec's quantized EmbeddingBagCollection ------------------------------------
+@pytest.fixture(scope="module")
+def every_method_run(tmp_path_factory):
+    """A short run in which the features use every method (test_export's data and config)."""
+    from test_export import CARDS, other_methods, raw_table, run
+
+    from embtables.pipelines.data.encode import prepare_parquet
+    import pyarrow.parquet as pq
+
+    tmp = tmp_path_factory.mktemp("torchrec_export")
+    pq.write_table(raw_table(2000, 0), tmp / "train.parquet")
+    pq.write_table(raw_table(400, 1), tmp / "valid.parquet")
+    ds = prepare_parquet(tmp / "train.parquet", tmp / "valid.parquet", label="label", dense=["I1"],
+                         sparse=[*CARDS, "tags"], out=tmp / "ds", row_group=512)
+    # dim 10: odd block and factor dims for mixed_dim and low_rank, odd int4 rows
+    features = {f: {"compression": {"method": m, "ratio": 4}} for f, m in zip([*CARDS, "tags"], other_methods())}
+    run_dir, _ = run(tmp, ds, "every_method", features, dim=10)
+    return run_dir, ds
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+def test_torchrec_inference_export_scores_like_embtables_load(every_method_run, tmp_path, quantize):
+    from embtables.pipelines.data.batches import iterate_batches
+    from embtables.pipelines.serve.export import export_run
+    from embtables.serving.torchrec_lookup import TorchRecServingLookup
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
+
+    import embtables
+
+    run_dir, ds = every_method_run
+    out = export_run(run_dir, tmp_path / "ex", quantize=quantize)
+    ours, theirs = embtables.load(out), embtables.load(out, backend="torchrec")
+    assert isinstance(theirs.lookup, TorchRecServingLookup) and isinstance(theirs.lookup.ebc, QuantEBC)
+    methods = {e["method"] for e in theirs.manifest["methods"]}
+    assert set(METHODS) <= methods, methods
+    dense = [theirs.manifest["dense"].index(n) for n in theirs.dense_names]
+    batch = next(iterate_batches(ds, "valid", 400, shuffle=False))
+    a = ours.predict_proba(batch.dense[:, dense], batch.sparse)
+    b = theirs.predict_proba(batch.dense[:, dense], batch.sparse)
+    diff = float(np.abs(a - b).max())
+    print(f"{quantize}: max |p_embtables - p_torchrec| = {diff:.3g}")
+    assert diff <= 1e-6, diff

@@ -100,7 +100,7 @@ def _method_tensor(d, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def load(path, device: str | torch.device = "cpu", backend: str = "auto", verify: bool = True) -> "InferenceModel":
     """The inference module of an export. backend: auto (FBGEMM IntNBit for fp32/int8/int4 tables
-    where it imports) | fbgemm | torch. verify: check every tensor's and file's sha256."""
+    where it imports) | fbgemm | torch | torchrec (TorchRec's quantized EmbeddingBagCollection). verify: check every tensor's and file's sha256."""
     from embtables.methods import method_class
     from embtables.models import build_network
 
@@ -126,8 +126,13 @@ def load(path, device: str | torch.device = "cpu", backend: str = "auto", verify
             raise ExportError(f"{path / MANIFEST}: cannot rebuild method {entry.get('method')!r} for "
                               f"features {entry.get('features')}: {e}") from None
     stored = [_table_parts(t, emb) for t in manifest["tables"]]
-    lookup = ServingLookup(manifest["tables"], stored, [p for e in manifest["methods"] for p in e["lookups"]],
-                           backend=backend, device=device)
+    lookups = [p for e in manifest["methods"] for p in e["lookups"]]
+    if backend == "torchrec":  # TorchRec's quantized EmbeddingBagCollection holds the tables
+        from embtables.serving.torchrec_lookup import TorchRecServingLookup
+
+        lookup = TorchRecServingLookup(manifest["tables"], stored, lookups, device=device)
+    else:
+        lookup = ServingLookup(manifest["tables"], stored, lookups, backend=backend, device=device)
     network = build_network(manifest["model"], len(manifest["dense"]), len(manifest["features"]), manifest["dim"])
     try:
         network.load_state_dict({k.removeprefix("network/"): v for k, v in dense.items()}, strict=True)

@@ -35,6 +35,19 @@ def fbgemm_fits(table: dict, stored: dict[str, torch.Tensor]) -> bool:
     return table["precision"] == "int8" or table["dim"] % 2 == 0
 
 
+def intnbit_weights(table: dict, stored: dict[str, torch.Tensor], device: torch.device):
+    """A table in FBGEMM IntNBit's layout, (row bytes, per-row [fp16 scale, fp16 bias] bytes or
+    None for fp32), for any table `fbgemm_fits`: the same bytes, only the scales and the implied
+    bias materialised per row."""
+    rows = table["rows"]
+    if table["precision"] == "none":  # fp32 rows as raw bytes, no scale/bias
+        return stored["weight"].contiguous().view(torch.uint8).to(device), None
+    bits = 8 if table["precision"] == "int8" else 4
+    scale, bias = per_row_scale_bias(stored, bits, rows, rows_per_scale(table["dim"]))
+    scale_bias = torch.cat([scale.view(torch.uint8).view(rows, 2), bias.view(torch.uint8).view(rows, 2)], 1)
+    return stored["codes"].to(device), scale_bias.to(device)
+
+
 class ServingLookup(nn.Module):
     """forward(values, offsets, per_sample_weights) → [B, Σ key dims], keys in the given order."""
 
@@ -84,19 +97,7 @@ class ServingLookup(nn.Module):
             embedding_specs=specs, feature_table_map=[group.index(self.key_table[k]) for k in self.fbgemm_keys],
             pooling_mode=PoolingMode.SUM, output_dtype=SparseType.FP32, device=device)
         tbe.initialize_weights()
-        weights = []
-        for i in group:
-            s = stored[i]
-            rows = self.tables[i]["rows"]
-            if self.tables[i]["precision"] == "none":  # fp32 rows as raw bytes, no scale/bias
-                weights.append((s["weight"].contiguous().view(torch.uint8).to(device), None))
-                continue
-            # IntNBit rows start with [fp16 scale, fp16 bias], then the packed codes.
-            bits = 8 if self.tables[i]["precision"] == "int8" else 4
-            scale, bias = per_row_scale_bias(s, bits, rows, rows_per_scale(self.tables[i]["dim"]))
-            scale_bias = torch.cat([scale.view(torch.uint8).view(rows, 2), bias.view(torch.uint8).view(rows, 2)], 1)
-            weights.append((s["codes"].to(device), scale_bias.to(device)))
-        tbe.assign_embedding_weights(weights)
+        tbe.assign_embedding_weights([intnbit_weights(self.tables[i], stored[i], device) for i in group])
         return tbe
 
     def forward(self, values: torch.Tensor, offsets: torch.Tensor,
