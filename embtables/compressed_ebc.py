@@ -90,7 +90,6 @@ class CompressedEmbeddingBagCollection(nn.Module):
                                      {"dim": dim, "init_std": 0.01, "compression": {"method": "full"},
                                       "features": {n: {"compression": specs[n]} for n in group}})
         self.methods = nn.ModuleList(methods)
-        owner = {n: i for i, m in enumerate(methods) for n in m.feature_names}
         configs = {t.name: t for t in self._configs}
         # An instance (method, j) reads the j-th feature of each of the method's tables; tables
         # with fewer features get empty bags there. One instance per method in the usual case.
@@ -98,8 +97,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
                            for j in range(max(len(configs[n].feature_names) for n in m.feature_names))]
         self._feature_of = {(i, j, n): configs[n].feature_names[j] for i, j in self._instances
                             for n in methods[i].feature_names if j < len(configs[n].feature_names)}
-        self._table_of = {f: t.name for t in self._configs for f in t.feature_names}
-        self._owner = owner
+        self._rows = {t.name: t.num_embeddings for t in self._configs}
         keys = [(f"{k}#{j}", table) for i, j in self._instances for k, table in methods[i].lookups()]
         physical = [t for m in methods for t in m.physical_tables()]
         self.tables = TorchRecTables(physical, keys, optimizer, device=device, is_weighted=is_weighted)
@@ -155,7 +153,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 continue
             jt = jts[f]
             ids = jt.values().long()
-            rows = self._configs_by_name(n).num_embeddings
+            rows = self._rows[n]
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
                 bad = ids[(ids < 0) | (ids >= rows)][0].item()
                 raise IndexError(f"feature {f!r}: id {bad} is outside table {n!r}'s [0, {rows})")
@@ -171,9 +169,6 @@ class CompressedEmbeddingBagCollection(nn.Module):
         physical = m.remap(ids)
         return KeyedJaggedTensor(keys=[f"{k}#{j}" for k in physical.keys()], values=physical.values(),
                                  lengths=physical.lengths(), weights=physical.weights_or_none())
-
-    def _configs_by_name(self, name: str) -> EmbeddingBagConfig:
-        return next(t for t in self._configs if t.name == name)
 
     # --- training ------------------------------------------------------------------------------
     def fused_optimizer(self) -> dict[str, torch.optim.Optimizer]:
