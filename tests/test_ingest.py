@@ -70,17 +70,22 @@ def test_criteo_raw_tsv_gz(tmp_path):
     cats_a = ["68fd1e64"] * 26
     cats_b = ["05db9164"] + [""] * 25
     lines = [tsv_line(1, [1] * 13, cats_a), tsv_line(0, [""] * 12 + [7], cats_b), tsv_line(0, [2] * 13, cats_a)]
-    raw = write_criteo_gz(tmp_path / "train.txt.gz", lines)
-    out = ingest_criteo.ingest(raw, tmp_path / "ds", valid_fraction=0.0)
-    t = rows_of(out, "train")
-    assert t["label"] == [1.0, 0.0, 0.0]
-    assert t["I1"] == [1.0, 0.0, 2.0] and t["I13"] == [1.0, 7.0, 2.0]   # empty → 0.0
-    assert vocab(out, "C1") == {"value": ["68fd1e64", "05db9164"], "count": [2, 1]}
-    assert t["C1"] == [0, 1, 0] and t["C2"] == [0, 1, 0]                # empty C2 → OOV id 1
-    assert load_stats(out)["features"]["C2"]["oov_count_train"] == 1
+    raw = write_criteo_gz(tmp_path / "train.txt.gz", lines * 2 + [tsv_line(1, [3] * 13, cats_b)])
+    out = ingest_criteo.ingest(raw, tmp_path / "ds", valid_fraction=0.4)
+    rows = all_rows(out)
+    assert sorted(zip(rows["label"], rows["I1"], rows["I13"])) == sorted(
+        [(1.0, 1.0, 1.0), (0.0, 0.0, 7.0), (0.0, 2.0, 2.0)] * 2 + [(1.0, 3.0, 3.0)])   # empty → 0.0
+    c2 = vocab(out, "C2")["value"]
+    for i1, i13, id2 in zip(rows["I1"], rows["I13"], rows["C2"]):
+        cat_b = i13 == 7 or i1 == 3
+        assert (id2 == len(c2)) if cat_b else (c2[id2] == "68fd1e64")      # empty C2 → OOV id
+    assert set(vocab(out, "C1")["value"]) <= {"68fd1e64", "05db9164"}
+    assert load_stats(out)["features"]["C2"]["oov_count_train"] == sum(
+        r in (0.0, 3.0) and i13 in (7.0, 3.0) for r, i13 in zip(rows_of(out, "train")["I1"], rows_of(out, "train")["I13"]))
 
-    limited = ingest_criteo.ingest(raw, tmp_path / "head", valid_fraction=0.0, max_rows=2)
-    assert load_stats(limited)["splits"]["train"]["rows"] == 2
+    limited = ingest_criteo.ingest(raw, tmp_path / "head", valid_fraction=0.5, seed=4, max_rows=4)
+    s = load_stats(limited)["splits"]
+    assert s["train"]["rows"] + s["valid"]["rows"] == 4
 
 
 @pytest.mark.parametrize("bad_line,expected", [
@@ -156,12 +161,12 @@ def test_movielens_latest_small(tmp_path):
 
 def test_movielens_1m_sample_genres_round_trip(tmp_path):
     raw = SAMPLES / "movielens_sample.txt"
-    out = ingest_movielens.ingest(raw, tmp_path / "ds", valid_fraction=0.0)
+    out = ingest_movielens.ingest(raw, tmp_path / "ds")
     s = load_stats(out)
     assert s["sparse"] == ["user_id", "movie_id", "genres", "year", "hour", "weekday",
                            "gender", "age", "occupation", "zip"]
     names = vocab(out, "genres")["value"]
-    decoded = Counter(tuple(names[i] for i in row) for row in rows_of(out, "train")["genres"])
+    decoded = Counter(tuple(names[i] for i in row) for row in all_rows(out)["genres"])
     source = pa_csv.read_csv(raw).to_pydict()
     assert decoded == Counter(tuple(g.split("|")) for g in source["genres"])
     years = vocab(out, "year")["value"]

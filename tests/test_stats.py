@@ -74,14 +74,14 @@ def test_min_count_sends_rare_values_to_oov(tmp_path):
 def test_multi_hot_round_trip(tmp_path):
     lists = [["x", "y"], ["y"], None, [], ["y", "z", None], ["x"]]
     train = write(tmp_path / "t.parquet", {"y": [0, 1, 1, 0, 1, 0], "g": lists})
-    valid = write(tmp_path / "v.parquet", {"y": [1], "g": [["new", "x"]]})
+    valid = write(tmp_path / "v.parquet", {"y": [1, 0], "g": [["new", "x"], ["y"]]})
     out = prepare_parquet(train, valid, label="y", dense=[], sparse=["g"], out=tmp_path / "ds")
     values = vocab(out, "g")["value"]
     assert values == ["y", "x", "z"]
     oov = len(values)
     decoded = [[values[i] if i < oov else None for i in row] for row in encoded(out, "train")["g"]]
     assert decoded == [["x", "y"], ["y"], [], [], ["y", "z", None], ["x"]]  # null list → []
-    assert encoded(out, "valid")["g"] == [[oov, 1]]
+    assert encoded(out, "valid")["g"] == [[oov, 1], [0]]
     f = load_stats(out)["features"]["g"]
     assert f["multi_hot"] and f["max_length"] == 3 and f["mean_length"] == pytest.approx(7 / 6)
     assert (f["oov_count_train"], f["oov_count_valid"]) == (1, 1)

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 EXPORT_FORMAT = "embtables-export"
-EXPORT_VERSION = 2  # 2: one tensor per table / method tensor; encoded method tensors
+EXPORT_VERSION = 3  # 2: one tensor per table / method tensor; encoded method tensors; 3: manifest digest
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest_sha256"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 DENSE_FILE = "dense.safetensors"
 LOOKUP_PREFIX = "embeddings.lookup."
@@ -26,6 +27,13 @@ def embtables_version() -> str:
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 of a tensor's raw bytes (C order, native little-endian)."""
     return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces) without the digest itself,
+    so reformatting the file keeps it valid and editing any entry does not."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def file_sha256(path: Path) -> str:

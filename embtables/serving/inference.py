@@ -21,7 +21,8 @@ from embtables.serving import method_tensors
 from embtables.errors import ConfigError, ExportError
 from embtables.methods.base import concat_remapped
 from embtables.serving.format import (DENSE_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT, EXPORT_VERSION, MANIFEST,
-                              embtables_version, file_sha256, tensor_sha256)
+                                      MANIFEST_DIGEST, embtables_version, file_sha256, manifest_digest,
+                                      tensor_sha256)
 from embtables.serving.lookup import ServingLookup
 from embtables.serving.tensor_blob import unpack_parts
 
@@ -55,6 +56,12 @@ def read_manifest(path: Path) -> dict:
         raise ExportError(f"{file}: written by embtables {made_by} (export format "
                           f"{manifest.get('format_version')}), newer than this embtables "
                           f"{embtables_version()} (reads format <= {EXPORT_VERSION}); upgrade embtables")
+    # From format 3 on the manifest carries a digest of its own content: an edited entry (dense
+    # column order, a checksum, a shape) would otherwise change predictions unnoticed.
+    if manifest.get("format_version", 0) >= 3 and manifest.get(MANIFEST_DIGEST) != manifest_digest(manifest):
+        what = "has no" if MANIFEST_DIGEST not in manifest else "fails its"
+        raise ExportError(f"{file}: {what} {MANIFEST_DIGEST} check; the manifest was edited or corrupted "
+                          f"(re-export the run)")
     return manifest
 
 
@@ -107,7 +114,13 @@ def load(path, device: str | torch.device = "cpu", backend: str = "auto", verify
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
-        for rel, d in manifest.get("files", {}).items():
+        listed = manifest.get("files", {})
+        # Every file of the export is listed: deleting an entry must not switch its check off.
+        present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+        unlisted = sorted(present - set(listed) - {MANIFEST})
+        if unlisted:
+            raise ExportError(f"{path}: files {unlisted[:5]} are not in {MANIFEST} (edited or tampered export)")
+        for rel, d in listed.items():
             if rel in (MANIFEST, EMBEDDINGS_FILE, DENSE_FILE):  # tensors are checked one by one below
                 continue
             if not (path / rel).is_file():

@@ -28,7 +28,7 @@ def _run_predict(args) -> None:
         torch.set_num_threads(args.threads)
     metrics = predict(args.export, args.data, args.out, metrics_path=args.metrics, batch_size=args.batch_size,
                       split=args.split, device=args.device, backend=args.backend, keep=args.keep,
-                      progress=not args.quiet)
+                      progress=not args.quiet, force=args.force)
     scores = f"  AUC {metrics['auc']:.4f}  logloss {metrics['logloss']:.4f}" if "auc" in metrics else ""
     print(f"{metrics['rows']:,} rows in {metrics['seconds']:.1f}s ({metrics['rows_per_sec']:,.0f} rows/s)"
           f"{scores} → {args.out}")
@@ -49,7 +49,8 @@ def add_export_parsers(subparsers) -> None:
     p = subparsers.add_parser("predict", help="score Parquet click logs with an export")
     p.add_argument("export")
     p.add_argument("data", help="raw Parquet files/dirs/globs, or an encoded dataset (default split: valid)")
-    p.add_argument("--out", required=True, help="predictions Parquet file")
+    p.add_argument("--out", required=True, help="predictions Parquet file (never one of the inputs)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out / --metrics file")
     p.add_argument("--metrics", default=None, help="write AUC/logloss/throughput JSON here (labels needed for AUC)")
     p.add_argument("--batch-size", type=int, default=16384)
     p.add_argument("--split", default=None, help="split of an encoded dataset (default: valid)")

@@ -18,14 +18,18 @@ import pyarrow.parquet as pq
 from embtables.errors import ConfigError, DataError
 from embtables.serving.encoder import flatten
 from embtables.specs import FeatureSpec
+from embtables.atomic import write_json_atomic
+from embtables.pipelines.data.identity import check_no_readers, content_fingerprint, vocabulary_digest
 from embtables.pipelines.data.parquet_io import (ENCODED_FORMAT, FILE_ROWS, ROW_GROUP_ROWS, PartWriter,
-                                            atomic_dir, expand_paths, iter_batches, open_parquet,
-                                            write_json_atomic)
+                                                 dataset_dir, expand_paths, is_encoded_dataset, iter_batches,
+                                                 open_parquet)
 
 VERSION = 1
 STATS_BATCH_ROWS = 65536
 ENCODE_BATCH_ROWS = 4 * 65536  # index_in rebuilds its hash set per call: fewer, bigger calls
 COMPACT_MIN_ROWS = 1 << 20
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+BEYOND_FLOAT32 = f"beyond float32 (|x| <= {FLOAT32_MAX:.4g}), the type dense values are stored as"
 
 
 # ---------------------------------------------------------------- column types
@@ -87,11 +91,13 @@ def validate_batch(batch: pa.RecordBatch, path: Path, row0: int, label: str, den
         raise DataError(f"{path}: row {row0 + i}: label {y[i].as_py()!r} is not 0 or 1")
     for name in dense:
         x = batch.column(name)
-        if pa.types.is_floating(x.type):
-            inf = pc.fill_null(pc.is_inf(x), False)
-            if pc.any(inf).as_py():
-                i = _first(inf)
-                raise DataError(f"{path}: row {row0 + i}: dense column {name!r} is {x[i].as_py()}")
+        if pa.types.is_floating(x.type) or pa.types.is_integer(x.type):
+            # Stored as float32: a value beyond its range would become inf, and inf → NaN weights.
+            ok = dense_in_range(x)
+            if not ok.all():
+                i = _first(~ok)
+                raise DataError(f"{path}: row {row0 + i}: dense column {name!r} is {x[i].as_py()}, "
+                                f"{BEYOND_FLOAT32}")
     for name in sparse:
         if _sparse_kind(path, name, batch.schema.field(name).type)[0] != "int64":
             continue
@@ -105,6 +111,26 @@ def validate_batch(batch: pa.RecordBatch, path: Path, row0: int, label: str, den
             i = j if lengths is None else int(np.searchsorted(np.cumsum(lengths), j, side="right"))
             raise DataError(f"{path}: row {row0 + i}: sparse column {name!r} has negative id "
                             f"{values[j].as_py()}")
+
+
+def dense_in_range(x: pa.Array) -> np.ndarray:
+    """True where a dense value fits float32 (missing counts as fitting: it becomes 0)."""
+    big = pc.greater(pc.abs(x.cast(pa.float64())), FLOAT32_MAX)
+    return ~pc.fill_null(big, False).to_numpy(zero_copy_only=False)
+
+
+def check_target(out, valid_fraction: float | None = None) -> None:
+    """Before any work: the split is possible and `out` may be (re)placed.
+
+    A split needs rows on both sides (0 < fraction < 1, else AUC or training is undefined);
+    `out` must be absent, empty or an encoded dataset no running job reads.
+    """
+    if valid_fraction is not None and not 0.0 < valid_fraction < 1.0:
+        raise ConfigError(f"--valid-fraction must be between 0 and 1 (exclusive), got {valid_fraction}")
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and (is_encoded_dataset(out) or not any(out.iterdir()))):
+        raise DataError(f"{out} exists and is not an encoded dataset; refusing to overwrite it")
+    check_no_readers(out)
 
 
 # ---------------------------------------------------------------- the random split
@@ -221,21 +247,24 @@ def _check_names(label, dense, sparse) -> None:
 
 def prepare_parquet(train_paths, valid_paths, *, label: str, dense, sparse, out, min_count: int = 1,
                     source: str = "parquet", extra_stats: dict | None = None,
-                    valid_fraction: float = 0.1, seed: int = 0, if_exists: str = "replace",
-                    row_group: int = ROW_GROUP_ROWS) -> Path:
+                    valid_fraction: float = 0.1, seed: int = 0, keep_existing: bool = False,
+                    row_group: int = ROW_GROUP_ROWS, origin=None) -> Path:
     """Encode Parquet click logs into the dataset at `out` (built beside it, renamed in at the end).
 
     `valid_paths=None` splits the training rows instead: a seeded hash of the row index sends
     `valid_fraction` of them to valid. Vocabularies and counts come from training rows only.
     `row_group` sets the encoded row-group size (files hold 16 row groups).
+    With `keep_existing` an existing dataset at `out` is kept (caches; see dataset_dir).
+    `origin` names the input in errors about whole splits (ingest: the raw file, not its scratch copy).
     """
     dense, sparse = list(dense), list(sparse)
     _check_names(label, dense, sparse)
     if min_count < 1:
         raise ConfigError(f"min_count must be >= 1, got {min_count}")
+    split = valid_paths is None
+    check_target(out, valid_fraction if split else None)
     train_files = expand_paths(train_paths)
     valid_files = expand_paths(valid_paths) if valid_paths is not None else []
-    split = valid_paths is None
     columns = [label] + dense + sparse
     kinds: dict[str, tuple[str, bool]] = {}
 
@@ -254,7 +283,7 @@ def prepare_parquet(train_paths, valid_paths, *, label: str, dense, sparse, out,
 
     # Pass 2: encode every row into the temp dir; rename into place only when all is written.
     schema = encoded_schema(label, dense, sparse, kinds)
-    with atomic_dir(out, if_exists=if_exists) as tmp:
+    with dataset_dir(out, keep_existing=keep_existing) as tmp:
         (tmp / "vocab").mkdir()
         for name, vocab in vocabs.items():
             pq.write_table(vocab, tmp / "vocab" / f"{name}.parquet")
@@ -268,6 +297,7 @@ def prepare_parquet(train_paths, valid_paths, *, label: str, dense, sparse, out,
             if batch.num_rows == 0:
                 return
             cols = {label: batch.column(label).cast(pa.float32())}
+            tally[split_name].add_labels(cols[label])
             cols.update({d: encode_dense(batch.column(d)) for d in dense})
             for name in sparse:
                 cols[name], oov, lengths = encode_sparse(batch.column(name), values[name])
@@ -284,8 +314,8 @@ def prepare_parquet(train_paths, valid_paths, *, label: str, dense, sparse, out,
         for _, batch, _ in _stream(valid_files, columns, ENCODE_BATCH_ROWS, label, dense, sparse, kinds):
             encode(batch, "valid")
         files = {s: w.close() for s, w in writers.items()}
-        if writers["train"].rows == 0:
-            raise DataError(f"{train_files[0]}: no training rows after the split")
+        for s in ("train", "valid"):
+            tally[s].check_labels(s, origin or (train_files[0] if s == "train" or split else valid_files[0]))
 
         features = {}
         for name in sparse:
@@ -296,6 +326,7 @@ def prepare_parquet(train_paths, valid_paths, *, label: str, dense, sparse, out,
                 "mean_length": mean_len, "max_length": max_len, "min_count": min_count,
                 "value_type": kinds[name][0],
                 "oov_count_train": tally["train"].oov[name], "oov_count_valid": tally["valid"].oov[name],
+                "vocab_sha256": vocabulary_digest(vocabs[name]["value"]),
             }
         stats = {
             "format": ENCODED_FORMAT, "version": VERSION, "source": source,
@@ -305,6 +336,7 @@ def prepare_parquet(train_paths, valid_paths, *, label: str, dense, sparse, out,
             "features": features,
         }
         stats.update(extra_stats or {})
+        stats["fingerprint"] = content_fingerprint(tmp, stats)
         write_json_atomic(tmp / "stats.json", stats)
     return Path(out)
 
@@ -313,6 +345,7 @@ class _Tally:
     """Per-split OOV counts and multi-hot lengths, accumulated batch by batch."""
 
     def __init__(self, sparse: list[str]):
+        self.positives = self.rows = 0
         self.oov = {n: 0 for n in sparse}
         self._rows = {n: 0 for n in sparse}
         self._total = {n: 0 for n in sparse}
@@ -324,6 +357,20 @@ class _Tally:
         if lengths is not None and len(lengths):
             self._total[name] += int(lengths.sum())
             self._max[name] = max(self._max[name], int(lengths.max()))
+
+    def add_labels(self, label: pa.Array) -> None:
+        self.rows += len(label)
+        self.positives += int(pc.sum(label).as_py() or 0)
+
+    def check_labels(self, split: str, source: Path) -> None:
+        """Both classes in the split, or training (train) / AUC (valid) is undefined."""
+        if self.rows == 0:
+            raise DataError(f"{source}: the {split} split has no rows; give more data or another "
+                            f"--valid-fraction")
+        if self.positives in (0, self.rows):
+            raise DataError(f"{source}: every label of the {split} split ({self.rows} rows) is "
+                            f"{int(self.positives > 0)}; a click model needs both 0 and 1 labels "
+                            f"(and AUC is undefined without them)")
 
     def lengths(self, name: str, multi_hot: bool) -> tuple[float, int]:
         if not multi_hot:

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from embtables.errors import DataError
 from embtables.pipelines.data.parquet_io import CsvStream, PartWriter, read_first_line, scratch_dir
-from embtables.pipelines.data.encode import prepare_parquet
+from embtables.pipelines.data.encode import check_target, prepare_parquet
 
 LABEL = "click"
 DERIVED = ["hour_of_day", "weekday"]
@@ -22,6 +22,7 @@ def ingest(raw, out, *, valid_fraction: float = 0.1, seed: int = 0, min_count: i
            max_rows: int | None = None) -> Path:
     """Convert an Avazu CSV to plain Parquet beside `out`, then encode it into `out`."""
     raw = Path(raw)
+    check_target(out, valid_fraction)
     names = read_first_line(raw).split(",")
     missing = [c for c in ("id", LABEL, "hour") if c not in names]
     if missing:
@@ -45,4 +46,5 @@ def ingest(raw, out, *, valid_fraction: float = 0.1, seed: int = 0, min_count: i
             writer.write(pa.table(cols, schema=schema))
         writer.close()
         return prepare_parquet(tmp, None, label=LABEL, dense=[], sparse=sparse, out=out,
-                               min_count=min_count, source="avazu", valid_fraction=valid_fraction, seed=seed)
+                               min_count=min_count, source="avazu",
+                               valid_fraction=valid_fraction, seed=seed, origin=raw)

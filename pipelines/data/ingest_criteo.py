@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from embtables.errors import DataError
 from embtables.pipelines.data.parquet_io import CsvStream, PartWriter, read_first_line, scratch_dir
-from embtables.pipelines.data.encode import prepare_parquet
+from embtables.pipelines.data.encode import BEYOND_FLOAT32, check_target, dense_in_range, prepare_parquet
 
 LABEL = "label"
 DENSE = [f"I{i}" for i in range(1, 14)]
@@ -37,13 +37,17 @@ def ingest(raw, out, *, valid_fraction: float = 0.1, seed: int = 0, min_count: i
            max_rows: int | None = None) -> Path:
     """Convert a Criteo file to plain Parquet beside `out`, then encode it into `out`."""
     raw = Path(raw)
+    check_target(out, valid_fraction)
     delimiter, header = detect_layout(raw)
     with scratch_dir(out, "raw") as tmp:
         writer = PartWriter(tmp, pa.schema(list(TYPES.items())))
         stream = CsvStream(raw, names=NAMES, types=TYPES, delimiter=delimiter, header=header)
         for rows, batch in stream.batches(max_rows):
             stream.require_binary(batch, LABEL, rows)
+            for name in DENSE:
+                stream.require(batch, name, dense_in_range(batch.column(name)), rows, "is " + BEYOND_FLOAT32)
             writer.write(pa.Table.from_batches([batch]))
         writer.close()
         return prepare_parquet(tmp, None, label=LABEL, dense=DENSE, sparse=SPARSE, out=out,
-                               min_count=min_count, source="criteo", valid_fraction=valid_fraction, seed=seed)
+                               min_count=min_count, source="criteo",
+                               valid_fraction=valid_fraction, seed=seed, origin=raw)

@@ -16,7 +16,7 @@ import pyarrow.csv as pa_csv
 
 from embtables.errors import DataError
 from embtables.pipelines.data.parquet_io import CsvStream, PartWriter, read_first_line, scratch_dir
-from embtables.pipelines.data.encode import prepare_parquet
+from embtables.pipelines.data.encode import check_target, prepare_parquet
 
 LABEL = "label"
 NO_GENRES = "(no genres listed)"
@@ -131,6 +131,7 @@ def _finish(writer: PartWriter | None, path: Path, sparse: list[str]) -> list[st
 def ingest(raw, out, *, seed: int = 0, valid_fraction: float = 0.1, min_count: int = 1) -> Path:
     """Convert MovieLens to plain Parquet beside `out`, then encode it with a seeded 90/10 split."""
     raw = Path(raw)
+    check_target(out, valid_fraction)
     with scratch_dir(out, "raw") as tmp:
         if raw.is_dir():
             for name in ("ratings.csv", "movies.csv"):
@@ -144,4 +145,4 @@ def ingest(raw, out, *, seed: int = 0, valid_fraction: float = 0.1, min_count: i
                             f"{','.join(ML1M_NAMES)}")
         return prepare_parquet(tmp, None, label=LABEL, dense=[], sparse=sparse, out=out, min_count=min_count,
                                source="movielens", valid_fraction=valid_fraction, seed=seed,
-                               extra_stats={"movielens": info})
+                               extra_stats={"movielens": info}, origin=raw)

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from embtables.errors import ConfigError
+from embtables.errors import ConfigError, DataError
 from embtables.pipelines.data.parquet_io import PartWriter, scratch_dir
-from embtables.pipelines.data.encode import prepare_parquet
+from embtables.pipelines.data.encode import check_target, prepare_parquet
 
 PRESETS = {
     # Criteo-like: a few 1e5–3e5 id features, many small ones; ~1.43M ids in all.
@@ -196,6 +196,7 @@ def ingest(out, *, preset: str = "criteo26", rows: int | None = None, cardinalit
     zipf = p.get("zipf", 1.15) if zipf is None else zipf
     if rows < 2 or not cards or min(cards) < 1 or n_dense < 0 or multi_hot < 0 or zipf <= 0:
         raise ConfigError("synth needs rows >= 2, cardinalities >= 1, dense >= 0, multi_hot >= 0, zipf > 0")
+    check_target(out, valid_fraction)
 
     model = PlantedModel(cards, n_dense, zipf, multi_hot, seed)
     metrics = {"train": _Metrics(), "valid": _Metrics()}
@@ -222,8 +223,10 @@ def ingest(out, *, preset: str = "criteo26", rows: int | None = None, cardinalit
         settings = {"rows": rows, "cardinalities": cards, "dense": n_dense, "zipf": zipf,
                     "multi_hot": multi_hot, "seed": seed, "valid_fraction": valid_fraction}
         sparse = [f"C{f + 1}" for f in range(len(cards))] + [f"M{k + 1}" for k in range(multi_hot)]
-        valid = tmp / "valid" if metrics["valid"].rows else None
-        return prepare_parquet(tmp / "train", valid, label="label", dense=[f"I{j + 1}" for j in range(n_dense)],
+        if not metrics["valid"].rows:
+            raise DataError(f"synth: no validation rows among {rows} rows; use more --rows or a larger "
+                            f"--valid-fraction")
+        return prepare_parquet(tmp / "train", tmp / "valid", label="label", dense=[f"I{j + 1}" for j in range(n_dense)],
                                sparse=sparse, out=out, min_count=min_count, source="synth",
                                extra_stats={"planted": planted, "synth": settings},
                                valid_fraction=0.0, row_group=row_group)

@@ -10,8 +10,6 @@ import contextlib
 import glob
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from embtables.atomic import atomic_dir, clean_stale, remove, temp_sibling
 from embtables.errors import DataError
 
 ENCODED_FORMAT = "embtables-encoded"
@@ -29,20 +28,6 @@ FILE_ROWS = 16 * ROW_GROUP_ROWS  # ~1M rows per part file
 
 
 # ---------------------------------------------------------------- atomic outputs
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON to a temp file and rename it, so readers never see a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def is_encoded_dataset(path: str | Path) -> bool:
     stats = Path(path) / "stats.json"
@@ -58,41 +43,33 @@ def is_encoded_dataset(path: str | Path) -> bool:
 def scratch_dir(beside: str | Path, tag: str) -> Iterator[Path]:
     """A temp dir next to `beside` (same filesystem), always removed afterwards."""
     beside = Path(beside)
+    clean_stale(beside)
     beside.parent.mkdir(parents=True, exist_ok=True)
-    tmp = beside.parent / f".{beside.name}.{tag}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_sibling(beside, tag)
     tmp.mkdir()
     try:
         yield tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, *, if_exists: str = "replace") -> Iterator[Path]:
-    """Yield a sibling temp dir; on success rename it to `out`, on failure delete it.
+def dataset_dir(out: str | Path, *, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a sibling temp dir that becomes the encoded dataset `out` when complete.
 
-    if_exists="replace" swaps out a previous encoded dataset (never an unrelated non-empty
-    directory); "keep" leaves an existing `out` alone and discards the new build (used by
-    caches, where a concurrent builder may have finished first).
+    A previous encoded dataset at `out` is replaced (never an unrelated non-empty directory,
+    and never one a running job is reading: see identity.reading_dataset); with
+    `keep_existing` (caches, where a concurrent builder may have finished first) it is kept
+    and the new build dropped.
     """
-    out = Path(out)
-    if out.exists() and not _replaceable(out):
-        raise DataError(f"{out} exists and is not an encoded dataset; refusing to overwrite it")
-    with scratch_dir(out, "building") as tmp:
-        yield tmp
-        if out.exists():
-            if if_exists == "keep":
-                return
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+    from embtables.pipelines.data.identity import no_readers
 
-
-def _replaceable(out: Path) -> bool:
-    return out.is_dir() and (not any(out.iterdir()) or is_encoded_dataset(out))
+    try:
+        with atomic_dir(out, replaceable=is_encoded_dataset, keep_existing=keep_existing, guard=no_readers,
+                        what="an encoded dataset") as tmp:
+            yield tmp
+    except FileExistsError as e:
+        raise DataError(str(e)) from None
 
 
 # ---------------------------------------------------------------- Parquet reads

@@ -28,13 +28,14 @@ def encoded_dataset_of(path) -> Path | None:
     return None
 
 
-def ensure_encoded(train, valid, label: str, dense, sparse, min_count: int = 1) -> Path:
+def ensure_encoded(train, valid, label: str | None, dense, sparse, min_count: int = 1) -> Path:
     """Path of an encoded dataset for these inputs.
 
     If `train` is (inside) an encoded dataset, that dataset is returned (its own valid split
     is used; `valid` is ignored) after checking the requested columns exist. Otherwise the
     Parquet inputs are encoded into `$EMBTABLES_CACHE` (default ~/.cache/embtables), keyed by
     the files' paths, sizes and mtimes and the options, and reused while nothing changes.
+    `label=None`: the encoded dataset's own label (plain Parquet: the column "label").
     """
     dense, sparse = list(dense or []), list(sparse or [])
     existing = encoded_dataset_of(train)
@@ -42,6 +43,7 @@ def ensure_encoded(train, valid, label: str, dense, sparse, min_count: int = 1) 
         _check_columns(existing, label, dense, sparse)
         return existing
 
+    label = label or "label"
     train_files = expand_paths(train)
     valid_files = expand_paths(valid) if valid is not None else None
     key = {
@@ -54,9 +56,9 @@ def ensure_encoded(train, valid, label: str, dense, sparse, min_count: int = 1) 
     out = cache_root() / f"encoded-{digest}"
     if is_encoded_dataset(out):
         return out
-    # "keep": if a concurrent job finished the same cache entry first, use theirs.
+    # keep_existing: if a concurrent job finished the same cache entry first, use theirs.
     return prepare_parquet(train_files, valid_files, label=label, dense=dense, sparse=sparse, out=out,
-                           min_count=min_count, if_exists="keep")
+                           min_count=min_count, keep_existing=True)
 
 
 def _fingerprint(path: Path) -> list:

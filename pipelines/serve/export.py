@@ -16,21 +16,22 @@ training run or dataset.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 
+from embtables.atomic import atomic_dir, check_replaceable, write_json_atomic
 from embtables.serving import method_tensors
 from embtables.errors import ExportError
 from embtables.serving.format import (DENSE_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT, EXPORT_VERSION, LOOKUP_PREFIX,
-                                      MANIFEST, embtables_version, file_sha256, is_export, tensor_sha256)
+                                      MANIFEST, MANIFEST_DIGEST, embtables_version, file_sha256, is_export,
+                                      manifest_digest, tensor_sha256)
 from embtables.serving.quantize import check_precision, expected_bytes, quantize_table, rows_per_scale, stored_bytes
 from embtables.serving.tensor_blob import pack_parts
 
@@ -73,7 +74,8 @@ def export_run(run_dir, out, quantize: str = "none", binary_bits: int = 1, check
     ckpt = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if ckpt is None:
         raise ExportError(f"{run_dir} has no checkpoint to export")
-    _check_out(out)
+    with _refusals():
+        check_replaceable(out, is_export, "an export")  # before any work
     model, inputs, tables = _trained_model(cfg, ckpt)
     emb = model.embeddings
     tensors, table_entries, method_entries = _embedding_tensors(emb, tables, quantize, binary_bits, ckpt)
@@ -98,7 +100,7 @@ def export_run(run_dir, out, quantize: str = "none", binary_bits: int = 1, check
         },
         "trained": {k: trained[k] for k in ("auc", "logloss", "embedding_bytes", "valid_rows") if k in trained},
     }
-    with _building(out) as tmp:
+    with _refusals(), atomic_dir(out, replaceable=is_export, what="an export") as tmp:
         _write_vocab(tmp, inputs, manifest)
         save_file(tensors, str(tmp / EMBEDDINGS_FILE), metadata={"format": "pt"})
         save_file(network, str(tmp / DENSE_FILE), metadata={"format": "pt"})
@@ -109,7 +111,8 @@ def export_run(run_dir, out, quantize: str = "none", binary_bits: int = 1, check
             p.chmod(0o644)  # safetensors writes 0600; an artifact is meant to be shipped and read
         manifest["files"] = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                              for p in files}
-        _write_manifest(tmp / MANIFEST, manifest)  # last: an export without it is incomplete
+        manifest[MANIFEST_DIGEST] = manifest_digest(manifest)  # editing any entry breaks it
+        write_json_atomic(tmp / MANIFEST, manifest)  # last: an export without it is incomplete
     return out
 
 
@@ -185,6 +188,7 @@ def _describe(t: torch.Tensor, file: str) -> dict:
 
 def _write_vocab(tmp: Path, inputs, manifest: dict) -> None:
     """Each feature's vocabulary (values only, id = position) and its entry in the manifest."""
+    from embtables.pipelines.data.identity import vocabulary_digest
     from embtables.pipelines.data.parquet_io import open_parquet
 
     (tmp / "vocab").mkdir()
@@ -198,44 +202,14 @@ def _write_vocab(tmp: Path, inputs, manifest: dict) -> None:
         manifest["features"].append({
             "name": f.name, "rows": f.rows, "oov_id": f.oov_id, "vocab_size": meta["vocab_size"],
             "value_type": meta["value_type"], "multi_hot": f.multi_hot, "mean_length": f.mean_length,
-            "vocab": rel if values is not None else None})
+            "vocab": rel if values is not None else None,
+            "vocab_sha256": vocabulary_digest(values["value"] if values is not None else pa.array([], pa.int64()))})
 
 
-def _write_manifest(path: Path, manifest: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not (out.is_dir() and (is_export(out) or not any(out.iterdir()))):
-        raise ExportError(f"{out} exists and is not an export; refusing to overwrite it")
-
-
-class _building:
-    """A hidden sibling dir to build in; renamed to `out` on success (replacing an older export)."""
-
-    def __init__(self, out: Path):
-        self.out = out
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.out.parent / f".{self.out.name}.building-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, kind, exc, tb):
-        try:
-            if kind is None:
-                _check_out(self.out)
-                if self.out.exists():
-                    old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-                    os.replace(self.out, old)
-                    os.replace(self.tmp, self.out)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(self.tmp, self.out)
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        return False
+@contextlib.contextmanager
+def _refusals():
+    """An `out` that is not an export (a file, a non-empty dir) is refused as an ExportError."""
+    try:
+        yield
+    except FileExistsError as e:
+        raise ExportError(str(e)) from None
