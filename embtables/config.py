@@ -19,7 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         "train": None,            # encoded dataset dir (embtables data …) or plain Parquet files/dirs/globs
         "valid": None,            # plain Parquet only; encoded datasets carry their own split
-        "label": "label",
+        "label": None,            # None: the encoded dataset's own label (plain Parquet: "label")
         "dense": None,            # column names; None = all dense columns of an encoded dataset
         "sparse": None,           # [{name: C1}, …] or [C1, …]; None = all sparse features
         "min_count": 1,           # rarer values map to the feature's OOV id
@@ -182,7 +182,8 @@ def check_config(cfg: dict) -> None:
 
     data, model, emb, tcfg = cfg["data"], cfg["model"], cfg["embedding"], cfg["train"]
     need(data["train"] is not None, "data.train", "is required")
-    need(isinstance(data["label"], str), "data.label", "must be a column name")
+    need(data["label"] is None or isinstance(data["label"], str), "data.label",
+         "must be a column name (or unset: the encoded dataset's own label)")
     integer("data.min_count", 1)
     need(model["name"] in ("dlrm", "dcnv2"), "model.name", "must be dlrm or dcnv2")
     for key in ("bottom_mlp", "top_mlp", "deep_mlp"):

@@ -38,10 +38,41 @@ def cmd_eval(args) -> None:
     from embtables.pipelines.train.evaluate import evaluate
     from embtables.pipelines.train.build import load_run
 
+    check_run_dataset(args.run)
     model, cfg, inputs = load_run(args.run)
     dataset, split = _split_of(args.data, inputs.dataset)
+    check_eval_data(args.run, inputs, dataset)
     scores = evaluate(model, dataset, split, inputs.dense_index, cfg["train"]["eval_batch_size"])
     print(json.dumps(scores))
+
+
+def check_run_dataset(run) -> None:
+    """The dataset a run recorded is still the one it trained on (not re-ingested since)."""
+    from pathlib import Path
+
+    from embtables.pipelines.data.identity import check_fingerprint
+
+    info = Path(run) / "run.json"
+    record = json.loads(info.read_text()) if info.is_file() else {}
+    if record.get("dataset") and Path(record["dataset"], "stats.json").is_file():
+        check_fingerprint(record["dataset"], record.get("dataset_fingerprint"), f"the run {run}")
+
+
+def check_eval_data(run, inputs, dataset) -> None:
+    """Data other than the run's own is encoded like it: the same ids for the same values, same dense."""
+    from pathlib import Path
+
+    from embtables.pipelines.data.encode import load_stats
+    from embtables.pipelines.data.identity import check_same_vocabulary, dataset_vocabularies
+
+    if Path(dataset).resolve() == Path(inputs.dataset).resolve():
+        return
+    reference = f"the run {run} (trained on {inputs.dataset})"
+    ours = dataset_vocabularies(inputs.dataset)
+    check_same_vocabulary(dataset, {f.name: ours[f.name] for f in inputs.features}, reference)
+    if load_stats(dataset)["dense"] != inputs.stats["dense"]:
+        raise EmbtablesError(f"{dataset} has dense columns {load_stats(dataset)['dense']}, {reference} has "
+                             f"{inputs.stats['dense']}")
 
 
 def _split_of(data: str | None, default_dataset):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from embtables import atomic
 from embtables.errors import EmbtablesError
 
 LOOKUP_PREFIX = "embeddings.lookup."
@@ -157,10 +158,8 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    """A run's JSON files (run.json, metrics.json, …): sorted keys, numpy values as numbers."""
+    atomic.write_json_atomic(path, data, indent=2, sort_keys=True, default=_json_default)
 
 
 def _json_default(obj):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import yaml
 
 from embtables.errors import ConfigError, EmbtablesError
+from embtables.pipelines.data.identity import check_fingerprint, dataset_fingerprint, reading_dataset
 
 DATA_CPU_SHARE = 0.25  # of the cluster's CPUs kept for Ray Data (at least one CPU)
 
@@ -53,7 +54,7 @@ def train_distributed(cfg: dict, out, resume: bool = False, address: str | None 
         check_resume(out, cfg, inputs)
     created = prepare_out_dir(out, resume)
     try:
-        with run_lock(out):  # held by the driver for the whole job; removes a killed run's temporaries
+        with run_lock(out), reading_dataset(inputs.dataset):  # the job's run dir, and no ingest replaces its data
             write_json_atomic(out / "run.json", run_record(cfg, inputs))
             (out / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if not k.startswith("_")},
                                                             sort_keys=False))
@@ -169,10 +170,13 @@ class DistributedRun:
         self.eval_batch_size = _local_size(tcfg["eval_batch_size"], self.rank, self.world)
         self.skip_epoch, self.skip = (restored[0]["epoch"], restored[1]) if restored else (-1, None)
         self.consumed: list[np.ndarray] = []
+        self.fingerprint = dataset_fingerprint(inputs.dataset)
 
     # --- batches -------------------------------------------------------------------------
     def batches(self, epoch: int, position: dict):
         from embtables.pipelines.data.ray_data import shard_batches
+
+        check_fingerprint(self.inputs.dataset, self.fingerprint, "this run")  # each epoch: same data
 
         skip = self.skip if epoch == self.skip_epoch else None
         # Rows trained before the resume stay recorded (once: on rank 0) for the next checkpoint.

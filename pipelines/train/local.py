@@ -20,6 +20,7 @@ from embtables.pipelines.data.prefetch import Prefetcher, pin_batch
 from embtables.pipelines.train.build import build_model, resolve_inputs
 from embtables.pipelines.train.run_identity import check_resume, run_record
 from embtables.pipelines.train.run_lock import run_lock
+from embtables.pipelines.data.identity import check_fingerprint, dataset_fingerprint, reading_dataset
 
 
 def make_optimizer(cfg_train: dict, params):
@@ -151,7 +152,8 @@ def _train(cfg, out, inputs, model, optimizer, resume, progress, batch_filter=No
           f"{emb.full_embedding_bytes() / emb.embedding_bytes():.1f}x) in {len(emb.tables)} tables, "
           f"backends {sorted(set(emb.lookup.backends))}")
     autocast_network(model, tcfg.get("precision", "fp32"))  # bf16: dense network only, loss stays fp32
-    train_loop(LocalRun(cfg, out, inputs, model, optimizer), position, tcfg, progress, batch_filter)
+    with reading_dataset(inputs.dataset):  # no ingest replaces it while this run reads it
+        train_loop(LocalRun(cfg, out, inputs, model, optimizer), position, tcfg, progress, batch_filter)
     metrics = run_metrics(cfg, inputs, model, position)
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
@@ -167,10 +169,12 @@ class LocalRun:
         self.cfg, self.out, self.inputs, self.model, self.optimizer = cfg, out, inputs, model, optimizer
         self.train_rows = inputs.stats["splits"]["train"]["rows"]
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
+        self.fingerprint = dataset_fingerprint(inputs.dataset)
 
     def batches(self, epoch: int, position: dict):
         from embtables.pipelines.data.batches import iterate_batches
 
+        check_fingerprint(self.inputs.dataset, self.fingerprint, "this run")  # each epoch: same data
         tcfg = self.cfg["train"]
         batches = iterate_batches(self.inputs.dataset, "train", tcfg["batch_size"], shuffle=True, seed=tcfg["seed"],
                                   epoch=epoch, start_row=position["rows_in_epoch"])

@@ -6,11 +6,11 @@ checkpoint that does not fit). Keys that only say how long, how often or how fas
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from embtables.errors import ConfigError, EmbtablesError
+from embtables.pipelines.data.identity import dataset_fingerprint  # content of stats + every file
 
 # Keys a resume may change: length, checkpointing, failure handling, evaluation, speed, where the
 # dataset lies (its fingerprint is compared instead), and OptEmbed's stage selection.
@@ -20,12 +20,6 @@ SAFE_KEYS = frozenset({
     "embedding.backend", "data.train", "data.valid",
     "embedding.compression.stage", "embedding.compression.plan", "embedding.compression.supernet_epochs",
 })
-
-
-def dataset_fingerprint(dataset: Path) -> str:
-    """sha256 of the encoded dataset's stats.json (row counts, vocabularies, per-file record)."""
-    with open(Path(dataset) / "stats.json", "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def run_record(cfg: dict, inputs) -> dict:
