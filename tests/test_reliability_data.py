@@ -192,7 +192,8 @@ def test_predict_input_beyond_float32_is_an_error(capsys, trained, tmp_path):
     pq.write_table(t.set_column(t.schema.get_field_index(name), name, pa.array(x)), bad)
     rc, err = cli(capsys, "predict", ex, bad, "--out", tmp_path / "p.parquet", "--quiet")
     line = one_error(err)
-    assert rc == 2 and "row 7" in line and name in line and not (tmp_path / "p.parquet").exists()
+    assert rc == 2 and "row 7" in line and name in line and "1e+300" in line and "float32" in line
+    assert not (tmp_path / "p.parquet").exists()
 
 
 # ---------------------------------------------------------------- 3. re-ingest under a running training

@@ -55,11 +55,14 @@ class RowEncoder:
         n = table.num_rows
         dense = np.zeros((n, len(self.model.dense_names)), dtype=np.float32)
         for j, name in enumerate(self.model.dense_names):
-            x = _column(table, name, where).cast(pa.float32())
+            column = _column(table, name, where)
+            x = column.cast(pa.float32())
             x = pc.fill_null(pc.if_else(pc.fill_null(pc.is_nan(x), False), 0.0, x), 0.0).to_numpy()
-            bad = np.isinf(x)
+            bad = np.isinf(x)  # inf, or beyond float32 (the model's dense type) and so inf after the cast
             if bad.any():
-                raise DataError(f"{where}: row {row0 + int(np.flatnonzero(bad)[0])}: dense column {name!r} is inf")
+                i = int(np.flatnonzero(bad)[0])
+                raise DataError(f"{where}: row {row0 + i}: dense column {name!r} is {column[i].as_py()}, "
+                                f"inf or beyond float32")
             dense[:, j] = np.log1p(np.maximum(x, 0.0))  # the training transform (pipelines/data/batches.py)
         values, lengths = [], []
         for name in self.model.features:

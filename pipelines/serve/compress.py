@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
 
+from embtables.atomic import atomic_dir
 from embtables.errors import EmbtablesError
 from embtables.methods.build import split_small_features
 from embtables.methods.low_rank import LowRank
@@ -61,11 +60,8 @@ def compress(run_dir, method: str = "low_rank", ratio: float | None = None, rank
     after = evaluate(model2, inputs.dataset, "valid", inputs.dense_index, batch)
     metrics = compressed_metrics(run_dir, cfg2, model, model2, before, after, chosen, ratio, rank)
 
-    # Written under a temporary name and renamed: a failed compress leaves no half-written run.
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # Built under a hidden name and renamed in: a failed or killed compress leaves no half-written run.
+    with atomic_dir(out, what="an empty directory") as tmp:
         source = load_checkpoint(latest_checkpoint(run_dir))
         save_checkpoint(tmp, source.get("step", 0), model2, None, source.get("position", {}))
         write_json_atomic(tmp / "run.json", {"config": cfg2, "dataset": str(inputs.dataset),
@@ -74,12 +70,6 @@ def compress(run_dir, method: str = "low_rank", ratio: float | None = None, rank
         (tmp / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg2.items() if not k.startswith("_")},
                                                         sort_keys=False))
         write_json_atomic(tmp / "metrics.json", metrics)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
