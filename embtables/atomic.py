@@ -115,7 +115,7 @@ def _fsync_dir(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, *, replaceable: Callable[[Path], bool] = lambda p: False,
                keep_existing: bool = False, guard: Callable[[Path], ContextManager] | None = None,
-               what: str = "output") -> Iterator[Path]:
+               what: str = "something this command may replace") -> Iterator[Path]:
     """Yield a hidden sibling dir to build in; on success it becomes `out`, on failure it is deleted.
 
     An existing `out` is replaced only if `replaceable(out)` (or it is an empty dir); else this
@@ -134,10 +134,10 @@ def atomic_dir(out: str | Path, *, replaceable: Callable[[Path], bool] = lambda 
         for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync(f)
+        if keep_existing and os.path.lexists(out):
+            return
         with guard(out) if guard is not None else contextlib.nullcontext():
             if os.path.lexists(out):
-                if keep_existing:
-                    return
                 check_replaceable(out, replaceable, what)  # it may have changed while we built
                 swap(tmp, out)  # tmp now holds the previous version, deleted below
             else:

@@ -43,11 +43,22 @@ def content_fingerprint(dataset: Path, stats: dict) -> str:
 
 
 def dataset_fingerprint(path) -> str:
-    """The fingerprint of the encoded dataset at `path` (stored at ingest; computed for older ones)."""
+    """The fingerprint of the encoded dataset at `path`: stored at ingest.
+
+    Datasets from before fingerprints get one from stats.json and each file's name, size and
+    mtime (cheap, as it is checked every epoch; any re-ingest rewrites every file).
+    """
     from embtables.pipelines.data.encode import load_stats
 
+    path = Path(path)
     stats = load_stats(path)
-    return stats.get("fingerprint") or content_fingerprint(Path(path), stats)
+    if stats.get("fingerprint"):
+        return stats["fingerprint"]
+    h = hashlib.sha256((path / "stats.json").read_bytes())
+    for p in sorted(path.rglob("*.parquet")):
+        st = p.stat()
+        h.update(f"{p.relative_to(path).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def check_fingerprint(path, expected: str | None, what: str = "the run") -> None:
