@@ -34,6 +34,21 @@ def fbgemm_available() -> bool:
                                "SplitTableBatchedEmbeddingBagsCodegen")
 
 
+# The pooled TBE forward dispatches to this op; the CUDA build registers a CUDA kernel for it, the
+# CPU build (fbgemm-gpu-cpu) only a CPU one, although both import and expose the same Python API.
+TBE_FORWARD_OP = "fbgemm::split_embedding_codegen_forward_unweighted_pt2_wrapper"
+
+
+def fbgemm_cuda_available() -> bool:
+    """The fbgemm_gpu that imports here is the CUDA build: its TBE forward has a CUDA kernel."""
+    if not fbgemm_available():  # importing registers the fbgemm ops with the dispatcher
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(TBE_FORWARD_OP, "CUDA")
+    except RuntimeError:  # the op is not registered at all (an fbgemm without the pt2 TBE)
+        return False
+
+
 def fbgemm_supports(table: TableSpec) -> bool:
     """TBE kernels need the row width to be a multiple of 4."""
     return table.dim % 4 == 0
