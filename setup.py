@@ -21,6 +21,15 @@ cpu_fused = Extension(
     optional=True,
 )
 
+
+
+def set_pins(name: str) -> list[str]:
+    """The requirements requirements-<name>.txt adds to the shared requirements.txt."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"requirements-{name}.txt")) as f:
+        lines = (line.split("#")[0].strip() for line in f)
+        return [line for line in lines if line and not line.startswith("-")]
+
+
 setup(
     name="embtables",
     version="0.1.0",
@@ -35,15 +44,11 @@ setup(
         "torch==2.13.0", "ray[data,train]==2.60.0",
         "pyarrow", "numpy", "PyYAML", "tqdm", "safetensors", "matplotlib",
         "tensordict", "torchmetrics", "pyre-extensions", "iopath",
-        # torchrec==1.8.0 is installed with --no-deps by the Makefile (see requirements.txt)
+        # torchrec==1.8.0 is installed with --no-deps by the Makefile (see README, "Installing")
     ],
-    extras_require={
-        # The FBGEMM build matching torch 2.13: CPU-only machines take `cpu`, CUDA machines `gpu`.
-        "cpu": ["fbgemm-gpu-cpu==1.8.0"],
-        # CUDA machines: the same pairing with the CUDA builds (install torch from the CUDA index).
-        "gpu": ["torch==2.13.0", "fbgemm-gpu==1.8.0", "triton"],
-        "test": ["pytest", "triton"],
-    },
+    # The FBGEMM build for torch 2.13, as pinned by the two install sets: `pip install .[cpu]`
+    # on CPU-only machines, `.[cuda]` on CUDA machines (never both: each installs `fbgemm_gpu`).
+    extras_require={"cpu": set_pins("cpu"), "cuda": set_pins("cuda"), "test": ["pytest", "triton"]},
     ext_modules=[cpu_fused],
     entry_points={"console_scripts": ["embtables=embtables.pipelines.cli.main:main"]},
 )

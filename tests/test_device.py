@@ -1,4 +1,5 @@
 """resolve_device: auto/cpu/cuda/cuda:N with CUDA availability and the device count mocked."""
+import importlib.metadata
 from unittest import mock
 
 import pytest
@@ -79,10 +80,18 @@ def test_fbgemm_cuda_probe_false_without_fbgemm_or_op():
         assert not fbgemm_lookup.fbgemm_cuda_available()
 
 
-@pytest.mark.skipif(not fbgemm_lookup.fbgemm_available(), reason="fbgemm_gpu does not import here")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU build of fbgemm_gpu")
+def installed(dist: str) -> bool:
+    try:
+        importlib.metadata.version(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not (installed("fbgemm-gpu-cpu") and fbgemm_lookup.fbgemm_available()),
+                    reason="needs the CPU build of fbgemm_gpu (fbgemm-gpu-cpu) importing")
 def test_fbgemm_cuda_probe_real_cpu_build():
-    # Installed here: fbgemm-gpu-cpu. Its TBE forward has a CPU kernel (so the probe is known to
+    # The CPU build's TBE forward has a CPU kernel (so the probe is known to
     # see registrations) and no CUDA one.
     assert torch._C._dispatch_has_kernel_for_dispatch_key(fbgemm_lookup.TBE_FORWARD_OP, "CPU")
     assert not fbgemm_lookup.fbgemm_cuda_available()
