@@ -1,20 +1,39 @@
-"""The embedding layer: every method's remap → ONE fused lookup over all tables → combine."""
+"""The embedding layer: every method's remap → ONE pooled lookup over all tables → combine.
+
+`PooledEmbeddingCollection` is given its lookup (any `PooledLookup`: a fused kernel from
+`make_lookup`, a TorchRec-sharded one, an export's quantized one) and never asks which.
+`FusedMethodEmbeddings` (Triton: remap, lookup and combine in one kernel) is its sibling;
+both share the methods' bookkeeping through `EmbeddingLayer`. `build_embeddings` picks.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from embtables.kernels import FusedLookup, RowwiseAdagrad
+from embtables.kernels import RowwiseAdagrad, make_lookup, resolve_backend
 from embtables.methods.base import Method, concat_remapped
 from embtables.specs import FeatureSpec, TableSpec
 
 
-class EmbeddingCollection(nn.Module):
-    """Raw-id KJT (one key per logical feature) → [B, F, d] in feature order."""
+def lookup_layout(methods: list[Method]) -> tuple[list[TableSpec], list[tuple[str, str]], list[int]]:
+    """The methods' physical tables, lookup keys (key, table name) and the table each key reads."""
+    tables = [t for m in methods for t in m.physical_tables()]
+    names = [t.name for t in tables]
+    if len(set(names)) != len(names):
+        raise ValueError(f"physical table names collide: {names}")
+    # One lookup key per pooled output; several keys may read one table (multiplexing).
+    keys = [kt for m in methods for kt in m.lookups()]
+    if len({k for k, _ in keys}) != len(keys):
+        raise ValueError(f"lookup keys collide: {[k for k, _ in keys]}")
+    return tables, keys, [names.index(t) for _, t in keys]
 
-    def __init__(self, features: list[FeatureSpec], dim: int, methods: list[Method],
-                 backend: str = "auto", optimizer: RowwiseAdagrad | None = None, seed: int = 0):
+
+class EmbeddingLayer(nn.Module):
+    """Raw-id KJT (one key per logical feature) → [B, F, d] in feature order: what every
+    embedding layer shares (the methods, their tables and keys, their training hooks and bytes)."""
+
+    def __init__(self, features: list[FeatureSpec], dim: int, methods: list[Method]):
         super().__init__()
         self.features = list(features)
         self.dim = dim
@@ -22,92 +41,21 @@ class EmbeddingCollection(nn.Module):
         covered = [n for m in methods for n in m.feature_names]
         if sorted(covered) != sorted(f.name for f in features):
             raise ValueError(f"methods cover {covered}, features are {[f.name for f in features]}")
-        self.tables: list[TableSpec] = [t for m in methods for t in m.physical_tables()]
-        names = [t.name for t in self.tables]
-        if len(set(names)) != len(names):
-            raise ValueError(f"physical table names collide: {names}")
-        # One lookup key per pooled output; several keys may read one table (multiplexing).
-        self.keys: list[tuple[str, str]] = [kt for m in methods for kt in m.lookups()]
-        if len({k for k, _ in self.keys}) != len(self.keys):
-            raise ValueError(f"lookup keys collide: {[k for k, _ in self.keys]}")
-        index = {n: i for i, n in enumerate(names)}
-        self._key_dims = [self.tables[index[t]].dim for _, t in self.keys]  # columns each key pools
-        # backend "sharded": no local tables; pipelines.sharding attaches a TorchRec lookup later.
-        self.sharded = backend == "sharded"
-        # backend "triton" (GPU, opt-in): remap + lookup + combine of every method in one kernel.
-        self.fused_methods = backend == "triton"
-        if self.fused_methods:
-            from embtables.kernels.triton_lookup import TritonMethodLookup
-
-            self.lookup = TritonMethodLookup(methods, optimizer, seed=seed)
-        else:
-            self.lookup = None if self.sharded else FusedLookup(self.tables, backend=backend, optimizer=optimizer,
-                                                                 seed=seed,
-                                                                 feature_tables=[index[t] for _, t in self.keys])
+        self.tables, self.keys, self.key_tables = lookup_layout(methods)
         self._method_order = covered
         # Position of each logical feature in the methods' concatenated output.
         self._output_order = [covered.index(f.name) for f in features]
         self.register_buffer("_output_index", torch.tensor(self._output_order), persistent=False)
-        gather = self._gather_columns()
-        self.register_buffer("_gather", gather, persistent=False)
-        # Each pooled column lands once (a permutation): its gradient is the inverse gather.
-        self.register_buffer("_scatter", None if gather is None else torch.argsort(gather), persistent=False)
 
-    def _gather_columns(self) -> torch.Tensor | None:
-        """When every method's combine only places columns: ONE gather from the lookup's output
-        to [B, F·d] in feature order (combine and the feature reordering in one copy, instead
-        of a split, a cat and a reorder each), else None."""
-        if self.sharded or self.fused_methods:
-            return None
-        starts, col = {}, 0
-        for (key, _), dim in zip(self.keys, self._key_dims):
-            starts[key], col = col, col + dim
-        per_method = [m.combine_columns(starts) for m in self.methods]
-        if any(c is None for c in per_method):
-            return None
-        columns = [c for cols in per_method for c in cols]  # features in method order
-        if sorted(columns) != list(range(col)):
-            return None  # not a permutation of the pooled columns
-        d = self.dim
-        return torch.tensor([c for i in self._output_order for c in columns[i * d:(i + 1) * d]])
-
-    def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+    def _in_method_order(self, sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
         index = {k: i for i, k in enumerate(sparse.keys())}
-        ordered = sparse.permute([index[n] for n in self._method_order])
-        if self.fused_methods:
-            out = self.lookup(ordered)  # raw ids in method order → [B, F, d]
-        elif self._gather is not None:
-            out = _PermuteColumns.apply(self._pooled(ordered), self._gather, self._scatter)
-            return out.view(-1, len(self.features), self.dim)
-        else:
-            out = self._remap_lookup_combine(ordered)
+        return sparse.permute([index[n] for n in self._method_order])
+
+    def _in_feature_order(self, out: torch.Tensor) -> torch.Tensor:
         if self._output_order == sorted(self._output_order):  # already in feature order: no copy
             return out
         # index_select: its backward is a cheap index_add, advanced indexing's a slow scatter
         return out.index_select(1, self._output_index)
-
-    def _physical(self, ordered: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        parts = ordered.split([len(m.features) for m in self.methods])
-        return concat_remapped([m.remap(p) for m, p in zip(self.methods, parts)])
-
-    def _pooled(self, ordered: KeyedJaggedTensor) -> torch.Tensor:
-        """[B, Σ key dims]: every lookup key's pooled rows, keys in order, from the fused lookup."""
-        physical = self._physical(ordered)
-        return self.lookup(physical.values().long(), physical.offsets().long(), physical.weights_or_none())
-
-    def _remap_lookup_combine(self, ordered: KeyedJaggedTensor) -> torch.Tensor:
-        if self.sharded:  # TorchRec EBC: DistributedModelParallel places tables and communicates
-            pooled = self.lookup(self._physical(ordered))
-        else:
-            splits = self._pooled(ordered).split(self._key_dims, 1)
-            pooled = dict(zip((k for k, _ in self.keys), splits))
-        return torch.cat([m.combine({k: pooled[k] for k, _ in m.lookups()}) for m in self.methods], dim=1)
-
-    def use_sharded_lookup(self, lookup: nn.Module) -> None:
-        """Serve the tables from `lookup(physical KJT) -> {table name: [B, dim]}` instead of the
-        FusedLookup (a TorchRec EmbeddingBagCollection, sharded by DistributedModelParallel)."""
-        self.lookup = lookup
-        self.sharded = True
 
     # --- training hooks of the methods -----------------------------------------------------
     def regularization(self) -> torch.Tensor | None:
@@ -126,13 +74,56 @@ class EmbeddingCollection(nn.Module):
     def full_embedding_bytes(self) -> int:
         return sum(f.full_bytes(self.dim) for f in self.features)
 
-    def describe(self) -> dict:
+    def describe(self) -> list[dict]:
         """Per method: features, tables and the hyperparameters its solve chose."""
         return [{"method": m.name, "features": m.feature_names,
                  "tables": [{"name": t.name, "rows": t.rows, "dim": t.dim} for t in m.physical_tables()],
                  "embedding_bytes": m.embedding_bytes(), "full_bytes": m.full_bytes(),
                  **({"hyperparameters": m.hyperparameters()} if m.hyperparameters() else {})}
                 for m in self.methods]
+
+
+class PooledEmbeddingCollection(EmbeddingLayer):
+    """permute → each method's remap → lookup(values, offsets, weights) → each method's combine
+    (or, when every combine only places columns, one column gather)."""
+
+    def __init__(self, features: list[FeatureSpec], dim: int, methods: list[Method], lookup: nn.Module):
+        super().__init__(features, dim, methods)
+        self.lookup = lookup
+        index = {t.name: t for t in self.tables}
+        self._key_dims = [index[t].dim for _, t in self.keys]  # columns each key pools
+        gather = self._gather_columns()
+        self.register_buffer("_gather", gather, persistent=False)
+        # Each pooled column lands once (a permutation): its gradient is the inverse gather.
+        self.register_buffer("_scatter", None if gather is None else torch.argsort(gather), persistent=False)
+
+    def _gather_columns(self) -> torch.Tensor | None:
+        """When every method's combine only places columns: ONE gather from the lookup's output
+        to [B, F·d] in feature order (combine and the feature reordering in one copy, instead
+        of a split, a cat and a reorder each), else None."""
+        starts, col = {}, 0
+        for (key, _), dim in zip(self.keys, self._key_dims):
+            starts[key], col = col, col + dim
+        per_method = [m.combine_columns(starts) for m in self.methods]
+        if any(c is None for c in per_method):
+            return None
+        columns = [c for cols in per_method for c in cols]  # features in method order
+        if sorted(columns) != list(range(col)):
+            return None  # not a permutation of the pooled columns
+        d = self.dim
+        return torch.tensor([c for i in self._output_order for c in columns[i * d:(i + 1) * d]])
+
+    def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        ordered = self._in_method_order(sparse)
+        parts = ordered.split([len(m.features) for m in self.methods])
+        physical = concat_remapped([m.remap(p) for m, p in zip(self.methods, parts)])
+        pooled = self.lookup(physical.values().long(), physical.offsets().long(), physical.weights_or_none())
+        if self._gather is not None:
+            out = _PermuteColumns.apply(pooled, self._gather, self._scatter)
+            return out.view(-1, len(self.features), self.dim)
+        by_key = dict(zip((k for k, _ in self.keys), pooled.split(self._key_dims, 1)))
+        out = torch.cat([m.combine({k: by_key[k] for k, _ in m.lookups()}) for m in self.methods], dim=1)
+        return self._in_feature_order(out)
 
 
 class _PermuteColumns(torch.autograd.Function):
@@ -147,3 +138,18 @@ class _PermuteColumns(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
         return grad.index_select(1, inverse), None, None
+
+
+def build_embeddings(features: list[FeatureSpec], dim: int, methods: list[Method], backend: str = "auto",
+                     device: str | torch.device = "cpu", optimizer: RowwiseAdagrad | None = None,
+                     seed: int = 0) -> EmbeddingLayer:
+    """The embedding layer for `embedding.backend` on `device`: the pooled collection over
+    make_lookup's lookup, or, for Triton, the fused-method sibling."""
+    from embtables.fused_embeddings import FusedMethodEmbeddings, fusable
+
+    kind = resolve_backend(backend, device, triton_ok=fusable(methods))
+    if kind == "triton":
+        return FusedMethodEmbeddings(features, dim, methods, optimizer, seed, device)
+    tables, _, key_tables = lookup_layout(methods)
+    lookup = make_lookup(tables, key_tables, kind, device, optimizer, seed)
+    return PooledEmbeddingCollection(features, dim, methods, lookup).to(device)

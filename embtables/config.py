@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "embedding": {
         "dim": 16,
-        "backend": "auto",        # auto | fbgemm | torch | cpu_fused
+        "backend": "auto",        # auto | cpu_fused | fbgemm | torch | triton (kernels/lookup.py)
         "lr": 0.05,               # row-wise Adagrad fused into the lookup's backward
         "eps": 1e-8,
         "init_std": 0.01,
@@ -63,7 +63,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-BACKENDS = ("auto", "fbgemm", "torch", "cpu_fused")
 SHARDINGS = ("table_wise", "column_wise", "row_wise", "table_row_wise")
 
 
@@ -192,6 +191,8 @@ def check_config(cfg: dict) -> None:
     integer("model.cross_layers", 0)
     need(_is_number(model["dropout"]) and 0 <= model["dropout"] < 1, "model.dropout", "must be a number in [0, 1)")
     integer("embedding.dim", 1)
+    from embtables.kernels.lookup import BACKENDS  # the one list, beside the policy that reads it
+
     need(emb["backend"] in BACKENDS, "embedding.backend", f"must be one of {', '.join(BACKENDS)}")
     need(emb["backend"] != "fbgemm" or not _is_int(emb["dim"]) or emb["dim"] % 4 == 0, "embedding.dim",
          "must be a multiple of 4 with embedding.backend fbgemm (FBGEMM TBE needs row widths in multiples of 4)")

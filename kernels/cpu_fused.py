@@ -4,7 +4,7 @@ the backward with duplicate rows merged and row-wise Adagrad applied in place.
 The kernels (kernels/csrc/: cpu_fused.cpp, interaction.cpp, parallel.h) are built by setup.py
 as `embtables.kernels._cpu_fused` (`pip install -e .`, or `python setup.py build_ext --inplace`)
 and called through ctypes, so they need no torch headers. When the library is missing,
-`cpu_fused_available()` is False and FusedLookup falls back to the torch reference.
+`cpu_fused_available()` is False and make_lookup falls back to the torch reference.
 """
 from __future__ import annotations
 

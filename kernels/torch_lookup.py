@@ -24,14 +24,16 @@ class TorchLookup(nn.Module):
     backend = "torch"
 
     def __init__(self, tables: list[TableSpec], optimizer: RowwiseAdagrad | None = None,
-                 initial: list[torch.Tensor] | None = None, feature_tables: list[int] | None = None):
+                 initial: list[torch.Tensor] | None = None, feature_tables: list[int] | None = None,
+                 device: str | torch.device = "cpu"):
         super().__init__()
         self.tables = list(tables)
         self.feature_tables = list(range(len(tables))) if feature_tables is None else list(feature_tables)
         self.optimizer = optimizer or RowwiseAdagrad()
-        self.weights = nn.ParameterList(nn.Parameter(w.clone()) for w in initial_weights(self.tables, initial))
+        self.weights = nn.ParameterList(nn.Parameter(w.to(device, copy=True))
+                                        for w in initial_weights(self.tables, initial))
         for i, t in enumerate(self.tables):
-            self.register_buffer(f"momentum_{i}", torch.zeros(t.rows))
+            self.register_buffer(f"momentum_{i}", torch.zeros(t.rows, device=device))
             # Apply the update as soon as this table's gradient is complete, then drop the
             # gradient: no dense [rows, dim] gradient survives the step.
             self.weights[i].register_post_accumulate_grad_hook(self._make_hook(i))

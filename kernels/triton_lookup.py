@@ -1,10 +1,10 @@
 """GPU lookup for the hashed methods: raw ids → [B, F, d] in one Triton kernel, Adagrad in backward.
 
-`TritonMethodLookup(methods)` replaces remap → FusedLookup → combine for methods of kinds
+`TritonMethodLookup(methods)` replaces remap → pooled lookup → combine for methods of kinds
 full / hash / qr / binary_code / multiplexed: the derived rows are computed inside the kernel
 (no expanded index tensors in the forward), the bag is pooled and the parts combined in the
 same pass. Backward accumulates each touched row's gradient (duplicates merged, fixed order)
-and applies row-wise Adagrad in place. Tables, init and state names match FusedLookup, so
+and applies row-wise Adagrad in place. Tables, init and state names match the pooled lookups (kernels/lookup.py), so
 `lookup_state()` checkpoints move between the two.
 
 Selected on CUDA with embedding.backend "triton" (opt-in: TBE stays the default until a GPU
@@ -17,7 +17,7 @@ import os
 import torch
 from torch import nn
 
-from embtables.kernels.fused import seeded_initial_weights
+from embtables.kernels.lookup import seeded_initial_weights
 from embtables.kernels.optimizer import RowwiseAdagrad
 from embtables.kernels.table_state import TableStateMixin
 from embtables.kernels.triton_plan import SUPPORTED, Plan
@@ -69,7 +69,7 @@ class TritonMethodLookup(TableStateMixin, nn.Module):
         self.tables = [t for m in methods for t in m.physical_tables()]
         self.plan = Plan(methods, self.tables)
         self.optimizer = optimizer or RowwiseAdagrad()
-        initial = seeded_initial_weights(self.tables, seed)  # the same rows FusedLookup starts from
+        initial = seeded_initial_weights(self.tables, seed)  # the same rows make_lookup starts from
         self.register_buffer("weight", torch.cat([w.reshape(-1) for w in initial]).to(device))
         self.register_buffer("momentum", torch.zeros(self.plan.total_rows, device=device))
         for name, t in self.plan.tensors(device).items():
@@ -79,7 +79,7 @@ class TritonMethodLookup(TableStateMixin, nn.Module):
     def _p(self, name: str) -> torch.Tensor:
         return getattr(self, f"_plan_{name}")
 
-    # --- tables, FusedLookup-style ------------------------------------------------------------
+    # --- tables, like the pooled lookups ------------------------------------------------------------
     @property
     def backends(self) -> list[str]:
         return [self.backend] * len(self.tables)

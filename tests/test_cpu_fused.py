@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embtables.kernels import FusedLookup, RowwiseAdagrad
+from embtables.kernels import RowwiseAdagrad, make_lookup
 from embtables.kernels import cpu_fused
 from embtables.kernels.cpu_fused import CpuFusedLookup
 from embtables.kernels.torch_lookup import TorchLookup
@@ -164,22 +164,22 @@ def test_out_of_range_index_names_the_table():
 @needs_cpu_fused
 def test_fused_lookup_backend_and_state_round_trip():
     opt = RowwiseAdagrad(lr=0.1)
-    ref = FusedLookup(TABLES, backend="torch", optimizer=opt, seed=3)
-    fast = FusedLookup(TABLES, backend="cpu_fused", optimizer=opt, seed=3)
+    ref = make_lookup(TABLES, backend="torch", optimizer=opt, seed=3)
+    fast = make_lookup(TABLES, backend="cpu_fused", optimizer=opt, seed=3)
     assert fast.backends == ["cpu_fused"] * len(TABLES)
     for a, b in zip(train_steps(ref, TABLES, 3, True), train_steps(fast, TABLES, 3, True)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert_same_tables(ref, fast)
-    dst = FusedLookup(TABLES, backend="cpu_fused", seed=9)
+    dst = make_lookup(TABLES, backend="cpu_fused", seed=9)
     dst.load_lookup_state(fast.lookup_state())
     assert_same_tables(fast, dst)
 
 
 def test_missing_kernels_fall_back_to_the_reference(monkeypatch):
     monkeypatch.setattr(cpu_fused, "_library", lambda: None)
-    monkeypatch.setattr("embtables.kernels.fused.cpu_fused_available", lambda: False)
+    monkeypatch.setattr("embtables.kernels.lookup.cpu_fused_available", lambda: False)
     with pytest.warns(UserWarning, match="not built"):
-        lookup = FusedLookup(TABLES, backend="cpu_fused", seed=0)
+        lookup = make_lookup(TABLES, backend="cpu_fused", seed=0)
     assert lookup.backends == ["torch"] * len(TABLES)
     with pytest.raises(RuntimeError, match="not built"):
         CpuFusedLookup(TABLES)
@@ -211,9 +211,10 @@ def test_kernel_bench_reports_every_backend_and_the_speedup():
 
 @needs_cpu_fused
 def test_auto_picks_cpu_fused_on_cpu_only():
-    from embtables.kernels.fused import choose_backends
+    from embtables.errors import ConfigError
+    from embtables.kernels.lookup import resolve_backend
 
-    assert choose_backends(TABLES, "auto", "cpu") == ["cpu_fused"] * len(TABLES)
-    assert "cpu_fused" not in choose_backends(TABLES, "auto", "cuda")  # GPUs keep TBE
-    with pytest.raises(ValueError, match="CPU only"):
-        choose_backends(TABLES, "cpu_fused", "cuda")
+    assert resolve_backend("auto", "cpu") == "cpu_fused"
+    assert resolve_backend("auto", "cuda") != "cpu_fused"  # GPUs: TBE, Triton or torch
+    with pytest.raises(ConfigError, match="CPU only"):
+        resolve_backend("cpu_fused", "cuda")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from embtables.kernels import FusedLookup, RowwiseAdagrad
+from embtables.kernels import RowwiseAdagrad, make_lookup
 from embtables.specs import TableSpec
 
 from embtables.kernels import cpu_fused_available, fbgemm_available
@@ -43,8 +43,8 @@ def train_steps(lookup, tables, steps, weighted):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_fbgemm_matches_torch_reference_over_several_steps(weighted):
     opt = RowwiseAdagrad(lr=0.1)
-    ref = FusedLookup(TABLES, backend="torch", optimizer=opt, seed=3)
-    fused = FusedLookup(TABLES, backend="fbgemm", optimizer=opt, seed=3)
+    ref = make_lookup(TABLES, backend="torch", optimizer=opt, seed=3)
+    fused = make_lookup(TABLES, backend="fbgemm", optimizer=opt, seed=3)
     assert fused.backends == ["fbgemm", "fbgemm", "fbgemm", "torch"]  # dim 3 falls back
     for a, b in zip(train_steps(ref, TABLES, 4, weighted), train_steps(fused, TABLES, 4, weighted)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -57,7 +57,7 @@ def test_fbgemm_matches_torch_reference_over_several_steps(weighted):
 
 def test_reference_update_is_rowwise_adagrad_with_duplicates_merged():
     table = TableSpec("t", 5, 4)
-    lookup = FusedLookup([table], backend="torch", optimizer=RowwiseAdagrad(lr=0.5, eps=1e-8), seed=0)
+    lookup = make_lookup([table], backend="torch", optimizer=RowwiseAdagrad(lr=0.5, eps=1e-8), seed=0)
     w0 = lookup.table_weights()[0].clone()
     indices = torch.tensor([1, 1, 3])         # row 1 twice in one bag, row 3 in the next
     offsets = torch.tensor([0, 2, 3])
@@ -73,7 +73,7 @@ def test_reference_update_is_rowwise_adagrad_with_duplicates_merged():
 
 
 def test_eval_forward_does_not_update():
-    lookup = FusedLookup(TABLES, backend="torch", seed=1).eval()
+    lookup = make_lookup(TABLES, backend="torch", seed=1).eval()
     before = [w.clone() for w in lookup.table_weights()]
     indices, offsets = random_bags(TABLES, 8, 3, seed=5)
     with torch.no_grad():
@@ -84,9 +84,9 @@ def test_eval_forward_does_not_update():
 
 @needs_fbgemm
 def test_lookup_state_round_trips_across_backends():
-    src = FusedLookup(TABLES, backend="fbgemm", seed=7)
+    src = make_lookup(TABLES, backend="fbgemm", seed=7)
     train_steps(src, TABLES, 2, weighted=False)
-    dst = FusedLookup(TABLES, backend="torch", seed=8)
+    dst = make_lookup(TABLES, backend="torch", seed=8)
     dst.load_lookup_state(src.lookup_state())
     indices, offsets = random_bags(TABLES, 8, 3, seed=11)
     with torch.no_grad():

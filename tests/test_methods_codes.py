@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from embtables.collection import EmbeddingCollection
+from embtables.collection import build_embeddings
 from embtables.errors import ConfigError
 from embtables.kernels import RowwiseAdagrad
 from embtables.methods.binary_code import BinaryCode
@@ -20,7 +20,7 @@ RATIOS = [2, 10, 100, 1000]
 
 
 def collection(features, methods, backend="torch"):
-    return EmbeddingCollection(features, methods[0].dim, methods, backend=backend,
+    return build_embeddings(features, methods[0].dim, methods, backend=backend,
                                optimizer=RowwiseAdagrad(lr=0.1), seed=2)
 
 

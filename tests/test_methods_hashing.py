@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from embtables.collection import EmbeddingCollection
+from embtables.collection import build_embeddings
 from embtables.errors import ConfigError
 from embtables.kernels import RowwiseAdagrad
 from embtables.methods.full import Full
@@ -30,7 +30,7 @@ def splitmix_reference(x: int, salt: int) -> int:
 
 
 def collection(features, methods, backend, lr=0.1):
-    return EmbeddingCollection(features, 8 if not methods else methods[0].dim, methods, backend=backend,
+    return build_embeddings(features, 8 if not methods else methods[0].dim, methods, backend=backend,
                                optimizer=RowwiseAdagrad(lr=lr), seed=1)
 
 

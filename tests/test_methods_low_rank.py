@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from embtables.collection import EmbeddingCollection
+from embtables.collection import build_embeddings
 from embtables.errors import ConfigError
 from embtables.methods.low_rank import LowRank
 from embtables.specs import FeatureSpec
@@ -12,7 +12,7 @@ from helpers import assert_a_step_changes_every_table, assert_torch_and_fbgemm_a
 
 
 def build(methods, features, dim=16, backend="torch", seed=0):
-    return EmbeddingCollection(features, dim, methods, backend=backend, seed=seed)
+    return build_embeddings(features, dim, methods, backend=backend, seed=seed)
 
 
 def load_tables(coll, tables: dict):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from embtables.collection import EmbeddingCollection
+from embtables.collection import build_embeddings
 from embtables.methods.mixed_dim import MixedDim, geometric_ends
 from embtables.specs import FeatureSpec
 
@@ -97,7 +97,7 @@ def test_rounding_to_multiples_of_four_only_within_budget():
 
 
 def build(methods, features, backend="torch", seed=0):
-    return EmbeddingCollection(features, 16, methods, backend=backend, seed=seed)
+    return build_embeddings(features, 16, methods, backend=backend, seed=seed)
 
 
 def expected_vectors(m, coll, bags, weights=None):

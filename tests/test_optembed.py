@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
-from embtables.collection import EmbeddingCollection
+from embtables.collection import build_embeddings
 from embtables.config import load_config
 from embtables.errors import ConfigError, EmbtablesError
 from embtables.kernels import fbgemm_available
@@ -60,7 +60,7 @@ class _Model(torch.nn.Module):
 def test_thresholds_move_under_the_penalty_on_their_own_sgd():
     feats = [FeatureSpec("a", 50), FeatureSpec("b", 30), FeatureSpec("m", 9, multi_hot=True)]
     methods = [OptEmbed(f, 8, OptEmbedOptions(alpha=0.5, threshold_lr=0.1)) for f in feats]
-    coll = EmbeddingCollection(feats, 8, methods, backend="torch")
+    coll = build_embeddings(feats, 8, methods, backend="torch")
     assert not methods[2].prunable and methods[2].param_groups() == []  # multi-hot: no threshold
     model = _Model(coll, 24)
     opt = make_model_optimizer({"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}, model)
@@ -99,7 +99,7 @@ def test_pruned_rows_behave_exactly_as_their_masks(backend):
     dim = 8
     feats = [FeatureSpec("s", 10), FeatureSpec("m", 6, multi_hot=True)]
     sup = [OptEmbed(f, dim) for f in feats]
-    coll = EmbeddingCollection(feats, dim, sup, backend=backend)
+    coll = build_embeddings(feats, dim, sup, backend=backend)
     g = torch.Generator().manual_seed(0)
     ws = torch.randn(10, dim, generator=g)
     ws[[1, 4, 7]] *= 0.01  # small rows: below the threshold
@@ -117,7 +117,7 @@ def test_pruned_rows_behave_exactly_as_their_masks(backend):
     assert torch.equal(out_sup[:, 0], ws[[0, 1, 4, 9, 7]] * torch.tensor(keep[[0, 1, 4, 9, 7]]).float()[:, None])
     for d_s, d_m in [(dim, dim), (3, 5)]:
         compact = [OptEmbedCompact(feats[0], dim, keep, d_s), OptEmbedCompact(feats[1], dim, np.ones(6, bool), d_m)]
-        cc = EmbeddingCollection(feats, dim, compact, backend=backend)
+        cc = build_embeddings(feats, dim, compact, backend=backend)
         _set_table(cc, "s/optembed", ws[torch.from_numpy(keep)][:, :d_s])
         _set_table(cc, "m/optembed", wm[:, :d_m])
         cc.eval()
@@ -136,7 +136,7 @@ def test_pruned_ids_drop_out_of_multi_hot_bags():
     keep = np.array([True, False, True, False, True])
     m = OptEmbedCompact(f, 4, keep, 4)
     w = torch.arange(12, dtype=torch.float32).view(3, 4) + 1  # kept ids 0, 2, 4 → rows 0, 1, 2
-    coll = EmbeddingCollection([f], 4, [m], backend="torch")
+    coll = build_embeddings([f], 4, [m], backend="torch")
     _set_table(coll, "m/optembed", w)
     out = coll(_kjt(["m"], [[[0, 1, 2], [1, 3], [], [4, 4]]]))[:, 0]
     assert torch.equal(out, torch.stack([w[0] + w[1], torch.zeros(4), torch.zeros(4), 2 * w[2]]))

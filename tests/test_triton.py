@@ -31,7 +31,7 @@ def test_in_a_fresh_process():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 
 from embtables.kernels import RowwiseAdagrad  # noqa: E402
-from embtables.kernels.fused import seeded_initial_weights  # noqa: E402
+from embtables.kernels.lookup import seeded_initial_weights  # noqa: E402
 from embtables.kernels.triton_lookup import TritonMethodLookup, triton_available  # noqa: E402
 from embtables.methods.binary_code import BinaryCode  # noqa: E402
 from embtables.methods.full import Full  # noqa: E402
@@ -168,14 +168,14 @@ def test_refuses_the_mean_combiner_clearly():
 
 @in_process
 def test_collection_backend_triton_matches_the_torch_collection():
-    from embtables.collection import EmbeddingCollection
+    from embtables.collection import build_embeddings
 
     # One method of each kind the torch collection serves (multiplexed's shared tables: tested above).
     methods = [m for i, m in enumerate(methods_under_test()) if i in (1, 2, 4)]
     features = [f for m in methods for f in m.features][::-1]  # feature order ≠ method order
     opt = RowwiseAdagrad(lr=0.1)
-    ref = EmbeddingCollection(features, DIM, methods, backend="torch", optimizer=opt, seed=6)
-    fast = EmbeddingCollection(features, DIM, methods, backend="triton", optimizer=opt, seed=6)
+    ref = build_embeddings(features, DIM, methods, backend="torch", optimizer=opt, seed=6)
+    fast = build_embeddings(features, DIM, methods, backend="triton", optimizer=opt, seed=6)
     assert fast.lookup.backends == ["triton"] * len(fast.tables)
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(0, 3, (len(features) * BATCH,), generator=g)

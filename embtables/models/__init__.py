@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from embtables.collection import EmbeddingCollection
+from embtables.collection import EmbeddingLayer
 from embtables.models.dcnv2 import DCNv2
 from embtables.models.dlrm import DLRM
 
@@ -13,7 +13,7 @@ from embtables.models.dlrm import DLRM
 class CTRModel(nn.Module):
     """Embedding collection + dense network → click logit."""
 
-    def __init__(self, embeddings: EmbeddingCollection, network: nn.Module):
+    def __init__(self, embeddings: EmbeddingLayer, network: nn.Module):
         super().__init__()
         self.embeddings = embeddings
         self.network = network

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
+from embtables.collection import PooledEmbeddingCollection
 from embtables.serving import method_tensors
 from embtables.errors import ConfigError, ExportError
-from embtables.methods.base import concat_remapped
 from embtables.serving.format import (DENSE_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT, EXPORT_VERSION, MANIFEST,
                                       MANIFEST_DIGEST, embtables_version, file_sha256, manifest_digest,
                                       tensor_sha256)
@@ -155,19 +155,23 @@ def load(path, device: str | torch.device = "cpu", backend: str = "auto", verify
 
 
 class InferenceModel(nn.Module):
-    """(dense [B, n_dense] log1p'd, raw-id KJT keyed by feature) → click logits [B]."""
+    """(dense [B, n_dense] log1p'd, raw-id KJT keyed by feature) → click logits [B].
+
+    The embeddings are the training code's PooledEmbeddingCollection over the export's lookup."""
 
     def __init__(self, manifest: dict, methods: list, lookup: ServingLookup, network: nn.Module, path: Path):
         super().__init__()
         self.manifest, self.path = manifest, Path(path)
-        self.methods = nn.ModuleList(methods)
-        self.lookup, self.network = lookup, network
         self.features = [f["name"] for f in manifest["features"]]
+        specs = {f.name: f for m in methods for f in m.features}
+        self.embeddings = PooledEmbeddingCollection([specs[n] for n in self.features], methods[0].dim, methods,
+                                                    lookup)
+        listed = [tuple(k) for e in manifest["methods"] for k in e["lookups"]]
+        if self.embeddings.keys != listed:
+            raise ExportError(f"the methods' remap keys {self.embeddings.keys} differ from the export's {listed}")
+        self.network = network
         self.dense_names = list(manifest["dense"])
         self.label = manifest["label"]
-        self._method_order = [n for m in methods for n in m.feature_names]
-        self._output_order = [self._method_order.index(n) for n in self.features]
-        self._keys = [key for e in manifest["methods"] for key, _ in e["lookups"]]
         self._vocab: dict[str, object] = {}
         self.register_buffer("_where", torch.zeros(0), persistent=False)  # follows .to(device)
 
@@ -175,22 +179,16 @@ class InferenceModel(nn.Module):
     def device(self) -> torch.device:
         return self._where.device
 
+    @property
+    def lookup(self) -> ServingLookup:
+        return self.embeddings.lookup
+
     def embed(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """[B, F, d] in feature order: each method's remap → the lookup → each method's combine."""
-        index = {k: i for i, k in enumerate(sparse.keys())}
-        missing = [n for n in self._method_order if n not in index]
+        missing = [n for n in self.features if n not in sparse.keys()]
         if missing:
             raise ExportError(f"input lacks sparse features {missing}; the model needs {self.features}")
-        sparse = sparse.permute([index[n] for n in self._method_order]).to(self.device)
-        parts = sparse.split([len(m.features) for m in self.methods])
-        physical = concat_remapped([m.remap(p) for m, p in zip(self.methods, parts)])
-        if physical.keys() != self._keys:
-            raise ExportError(f"remap produced keys {physical.keys()}, the export lists {self._keys}")
-        pooled_all = self.lookup(physical.values().long(), physical.offsets().long(), physical.weights_or_none())
-        pooled = dict(zip(self._keys, pooled_all.split(self.lookup.key_dims, dim=1)))
-        out = torch.cat([m.combine({k: pooled[k] for k, _ in e["lookups"]})
-                         for m, e in zip(self.methods, self.manifest["methods"])], dim=1)
-        return out if self._output_order == sorted(self._output_order) else out[:, self._output_order]
+        return self.embeddings(sparse.to(self.device))
 
     @torch.no_grad()
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from embtables.collection import EmbeddingCollection
-from embtables.config import load_config, sparse_names
+from embtables.collection import PooledEmbeddingCollection, build_embeddings, lookup_layout
+from embtables.config import sparse_names
 from embtables.errors import ConfigError, EmbtablesError
 from embtables.kernels import RowwiseAdagrad
 from embtables.methods.build import build_methods
@@ -58,15 +58,21 @@ def resolve_inputs(cfg: dict) -> RunInputs:
                      [stats["dense"].index(n) for n in dense])
 
 
-def build_model(cfg: dict, inputs: RunInputs, backend: str | None = None) -> CTRModel:
+def build_model(cfg: dict, inputs: RunInputs, device: str = "cpu", backend: str | None = None,
+                sharded_lookup=None) -> CTRModel:
+    """The model on `device`; its tables behind `embedding.backend` (or `backend`), or behind
+    `sharded_lookup(tables, keys)` (a TorchRec-sharded lookup, see train/sharding.py)."""
     emb = cfg["embedding"]
     methods = build_methods(inputs.features, emb)
-    collection = EmbeddingCollection(inputs.features, emb["dim"], methods,
-                                     backend=backend or emb["backend"],
-                                     optimizer=RowwiseAdagrad(lr=emb["lr"], eps=emb["eps"]),
-                                     seed=cfg["train"]["seed"])
+    if sharded_lookup is not None:
+        tables, keys, _ = lookup_layout(methods)
+        collection = PooledEmbeddingCollection(inputs.features, emb["dim"], methods, sharded_lookup(tables, keys))
+    else:
+        collection = build_embeddings(inputs.features, emb["dim"], methods, backend=backend or emb["backend"],
+                                      device=device, optimizer=RowwiseAdagrad(lr=emb["lr"], eps=emb["eps"]),
+                                      seed=cfg["train"]["seed"])
     network = build_network(cfg["model"], len(inputs.dense), len(inputs.features), emb["dim"])
-    return CTRModel(collection, network)
+    return CTRModel(collection, network.to(device))
 
 
 def load_run(run_dir: Path, backend: str | None = None, checkpoint: Path | None = None):
@@ -87,6 +93,3 @@ def load_run(run_dir: Path, backend: str | None = None, checkpoint: Path | None 
     load_model_state(model, load_checkpoint(ckpt))
     return model.eval(), cfg, inputs
 
-
-def config_for(path, overrides) -> dict:
-    return load_config(path, overrides)

@@ -8,6 +8,7 @@ import torch
 
 from embtables.errors import ConfigError
 from embtables.kernels import RowwiseAdagrad
+from embtables.specs import TableSpec
 from embtables.torchrec_tables import TorchRecTables, padded_dim
 
 CPU_SHARDING = ("table_wise", "column_wise")
@@ -16,20 +17,25 @@ FP32 = 4
 
 
 class ShardedLookup(TorchRecTables):
-    """Physical KJT (one key per lookup key) → {key: pooled [B, dim]} through one TorchRec EBC.
+    """A PooledLookup served by one TorchRec EBC: (values, offsets, weights) of the physical rows
+    → [B, Σ key dims] in key order, like every lookup.
 
-    Built on the meta device: DistributedModelParallel allocates only this rank's shards.
-    Row-wise Adagrad is fused into the backward of each table (apply_optimizer_in_backward).
+    Built on the meta device: DistributedModelParallel allocates only this rank's shards (its
+    state is those shards, written by dist_checkpoint). Row-wise Adagrad is fused into the
+    backward of each table (apply_optimizer_in_backward).
     """
 
-    def __init__(self, collection, lr: float, eps: float):
-        super().__init__(collection.tables, collection.keys, RowwiseAdagrad(lr=lr, eps=eps), device="meta")
+    def __init__(self, tables: list[TableSpec], keys: list[tuple[str, str]], lr: float, eps: float):
+        super().__init__(tables, keys, RowwiseAdagrad(lr=lr, eps=eps), device="meta")
+        self.key_names = [k for k, _ in keys]
 
+    def forward(self, values: torch.Tensor, offsets: torch.Tensor,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+        from torchrec import KeyedJaggedTensor
 
-def attach_sharded_lookup(model, lr: float, eps: float) -> ShardedLookup:
-    lookup = ShardedLookup(model.embeddings, lr, eps)
-    model.embeddings.use_sharded_lookup(lookup)
-    return lookup
+        pooled = super().forward(KeyedJaggedTensor(keys=self.key_names, values=values, weights=weights,
+                                                   offsets=offsets))
+        return torch.cat([pooled[k] for k in self.key_names], dim=1)
 
 
 def allowed_sharding(sharding: str | None, device: torch.device) -> list[str]:
