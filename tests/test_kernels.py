@@ -102,7 +102,7 @@ def test_out_of_range_ids_raise_on_every_backend(backend, bad_id):
     if backend == "cpu_fused" and not cpu_fused_available():
         pytest.skip("cpu_fused kernels are not built")
     tables = [TableSpec("a", 50, 8), TableSpec("b", 7, 4)]
-    lookup = FusedLookup(tables, backend=backend, seed=0)
+    lookup = make_lookup(tables, backend=backend, seed=0)
     assert lookup.backends == [backend, backend]
     # Bags: a=[3], a=[49, 1], b=[6], b=[2, bad]: the bad id sits in table b (7 rows), valid for a.
     indices = torch.tensor([3, 49, 1, 6, 2, bad_id])

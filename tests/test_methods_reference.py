@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from embtables.collection import EmbeddingCollection
+from embtables.collection import build_embeddings
 from embtables.errors import ConfigError
 from embtables.kernels import cpu_fused_available, fbgemm_available
 from embtables.methods.build import build_methods
@@ -58,7 +58,7 @@ def skip_unbuilt(backend):
 
 
 def collection(features, methods, backend, dim=16):
-    return EmbeddingCollection(features, dim, methods, backend=backend, seed=3)
+    return build_embeddings(features, dim, methods, backend=backend, seed=3)
 
 
 def assert_backends_agree(features, make_methods, batch):
