@@ -28,7 +28,7 @@ from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor, PoolingType
 
 from embtables.frequency_order import FrequencyOrder, count_ids
-from embtables.kernels.fused import seeded_initial_weights
+from embtables.kernels.lookup import seeded_initial_weights
 from embtables.kernels.optimizer import RowwiseAdagrad
 from embtables.methods.base import Method
 from embtables.methods.build import build_methods
