@@ -49,7 +49,7 @@ def test_missing_file_and_bad_set(tmp_path):
     ("embedding: {compression: {ratio: .inf}}", "embedding.compression.ratio", "finite number >= 1"),
     ("embedding: {compression: {ratio: abc}}", "embedding.compression.ratio", "finite number >= 1"),
     ("embedding: {features: {C1: {compression: {ratio: .nan}}}}", "embedding.features.C1.compression.ratio", "finite"),
-    ("embedding: {backend: tpu}", "embedding.backend", "auto, fbgemm, torch, cpu_fused"),
+    ("embedding: {backend: tpu}", "embedding.backend", "auto, cpu_fused, fbgemm, torch, triton"),
     ("embedding: {lr: abc}", "embedding.lr", "> 0"),
     ("embedding: {dim: 3, backend: fbgemm}", "embedding.dim", "multiple of 4"),
     ("train: {lr: -1}", "train.lr", "> 0"),
