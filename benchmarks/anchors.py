@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from embtables.atomic import atomic_file
 from embtables.pipelines.bench.tradeoff_report import read_csv, summarize
 
 # Zhang et al. VLDB'24 report no uncompressed point on Criteo; their 1/4 budget is the reference.
@@ -130,9 +131,8 @@ def update_page(page: Path, section: str) -> None:
         text = head + section.rstrip("\n") + rest.split(END, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    tmp = page.with_name(f".{page.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, page)
+    with atomic_file(page) as tmp:
+        tmp.write_text(text)
 
 
 def main(argv=None) -> None:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torchrec import KeyedJaggedTensor
 
+from embtables.atomic import atomic_file
 from embtables.errors import ConfigError, EmbtablesError
 from embtables.methods.base import Method
 from embtables.specs import FP32_BYTES, FeatureSpec, TableSpec
@@ -287,10 +288,8 @@ def save_plan(path: Path, plan: dict[str, tuple[np.ndarray, int]]) -> None:
         arrays[f"keep/{name}"] = np.packbits(np.asarray(keep, dtype=bool))
         arrays[f"rows/{name}"] = np.array(len(keep), dtype=np.int64)
         arrays[f"dim/{name}"] = np.array(dim, dtype=np.int64)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, **arrays)
-    tmp.replace(path)
 
 
 def load_plan(path) -> dict[str, tuple[np.ndarray, int]]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import statistics
 from pathlib import Path
+
+from embtables.atomic import atomic_file
 
 COLUMNS = ["method", "ratio", "seed", "status", "embedding_bytes", "full_embedding_bytes", "achieved_ratio",
            "auc", "logloss", "samples_per_sec", "train_seconds", "planted_auc", "note"]
@@ -31,13 +32,11 @@ def cell_row(cell, record: dict) -> dict:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    os.replace(tmp, path)
 
 
 def read_csv(path: str | Path) -> list[dict]:
@@ -129,9 +128,8 @@ def write_reports(out: Path, pairs: list[tuple], plot=None) -> list[dict]:
     summary = summarize(rows)
     text = ("# Memory vs AUC tradeoff\n\n" + sweep_header(meta, summary) + "\n" + markdown_table(summary)
             + "\nΔAUC is against `full` (mean over its seeds); ± is the std over seeds.\n")
-    tmp = out / f".results.md.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, out / "results.md")
+    with atomic_file(out / "results.md") as tmp:
+        tmp.write_text(text)
     if plot is not None and rows:
         planted = (meta.get("planted") or {}).get("valid_auc")
         plot(summary, out / "pareto.png", planted_auc=planted, title=meta.get("source"))
