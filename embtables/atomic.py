@@ -79,6 +79,7 @@ def atomic_file(path: str | Path, tag: str = "writing") -> Iterator[Path]:
     """Yield a temp path to write; on success it is synced and renamed to `path`, else deleted."""
     path = Path(path)
     clean_stale(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path, tag)
     try:
         yield tmp

@@ -125,6 +125,9 @@ def test_predict_never_overwrites_its_input_or_an_existing_file(capsys, trained,
     assert cli(capsys, "predict", ex, data, "--out", out, "--quiet")[0] == 2 and out.read_bytes() == b"mine"
     assert cli(capsys, "predict", ex, data, "--out", out, "--quiet", "--force")[0] == 0
     assert pq.read_table(out).num_rows == pq.read_metadata(data).num_rows
+    nested = tmp_path / "new" / "dir" / "p.parquet"  # missing parents are made, as before
+    assert cli(capsys, "predict", ex, data, "--out", nested, "--metrics", nested.with_suffix(".json"),
+               "--quiet")[0] == 0 and nested.is_file() and nested.with_suffix(".json").is_file()
     rc, err = cli(capsys, "predict", ex, data, "--out", tmp_path / "m.json", "--metrics", data, "--quiet")
     assert rc == 2 and "--metrics" in one_error(err)
     assert hidden_siblings(out) == []
