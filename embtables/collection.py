@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
+from embtables.errors import ConfigError
 from embtables.kernels import RowwiseAdagrad, make_lookup, resolve_backend
 from embtables.methods.base import Method, concat_remapped
 from embtables.specs import FeatureSpec, TableSpec
@@ -145,9 +146,16 @@ def build_embeddings(features: list[FeatureSpec], dim: int, methods: list[Method
                      seed: int = 0) -> EmbeddingLayer:
     """The embedding layer for `embedding.backend` on `device`: the pooled collection over
     make_lookup's lookup, or, for Triton, the fused-method sibling."""
-    from embtables.fused_embeddings import FusedMethodEmbeddings, fusable
+    from embtables.fused_embeddings import FusedMethodEmbeddings, fused_parts
 
-    kind = resolve_backend(backend, device, triton_ok=fusable(methods))
+    try:
+        fused_parts(methods, dim)
+        unfusable = None
+    except ValueError as e:
+        unfusable = str(e)
+    if backend == "triton" and unfusable:
+        raise ConfigError(f"embedding.backend 'triton': {unfusable}")
+    kind = resolve_backend(backend, device, triton_ok=unfusable is None)
     if kind == "triton":
         return FusedMethodEmbeddings(features, dim, methods, optimizer, seed, device)
     tables, _, key_tables = lookup_layout(methods)

@@ -70,3 +70,28 @@ class FeatureSpec:
             return np.full(self.rows, 1.0 / self.rows)
         c = self.counts.astype(np.float64)
         return c / c.sum()
+
+
+# --- fused parts: what a method is, in the arithmetic the Triton kernels run ----------------
+# Each logical feature is 1..P parts; part p derives a row of one table from the raw id, pools it
+# over the bag, and the feature's output combines its parts (Method.fused_parts builds them).
+IDENTITY, HASH, DIV, MOD, BITS = range(5)  # row = id | salted_hash(id, a) mod b | id // a | id mod a
+#                                            | b + the code bits of mask a (binary codes)
+CONCAT, SUM, MULT = range(3)  # parts into their own columns | added | multiplied (two parts)
+
+
+@dataclass(frozen=True)
+class FusedPart:
+    kind: int
+    table: str              # the physical table the part reads
+    col: int = 0            # first output column (CONCAT)
+    a: int = 0              # HASH: the mixed salt (hashing.mixed_salt); DIV/MOD: the divisor; BITS: the mask
+    b: int = 0              # HASH: the table's rows; BITS: the block's first row
+    weighted: bool = True   # multiplied by the bag's per-sample weight
+
+
+@dataclass(frozen=True)
+class FusedFeature:
+    parts: tuple[FusedPart, ...]
+    op: int = CONCAT
+    scramble: tuple[int, int, int] | None = None  # binary codes: (bits, half, multiplier) of the code's mix

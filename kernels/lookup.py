@@ -76,8 +76,8 @@ def resolve_backend(backend: str, device: str | torch.device = "cpu", triton_ok:
         raise ConfigError(f"embedding.backend 'triton' cannot run on {torch.device(device).type} here "
                           "(it needs triton and a CUDA device; TRITON_INTERPRET=1 for CPU tests)")
     if backend == "triton" and not triton_ok:
-        raise ConfigError("embedding.backend 'triton' supports the methods full, hash, qr, binary_code "
-                          "and multiplexed only")
+        raise ConfigError("embedding.backend 'triton' runs only methods that have a fused form "
+                          "(Method.fused_parts: full, hash, qr, binary_code, multiplexed with the sum combiner)")
     return backend
 
 

@@ -13,11 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-ROW_BITS = 40  # row keys: table << ROW_BITS | row
-
-
 @triton.jit
-def _mix64(z):
+def _mix64(z):  # the device copy of embtables.hashing's splitmix64 finaliser
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * 0x94D049BB133111EB
     return z ^ (z >> 31)

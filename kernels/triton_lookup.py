@@ -1,14 +1,14 @@
 """GPU lookup for the hashed methods: raw ids → [B, F, d] in one Triton kernel, Adagrad in backward.
 
-`TritonMethodLookup(methods)` replaces remap → pooled lookup → combine for methods of kinds
-full / hash / qr / binary_code / multiplexed: the derived rows are computed inside the kernel
+`TritonFusedLookup(features, tables, dim)` replaces remap → pooled lookup → combine for methods
+that describe their fused parts (Method.fused_parts): the derived rows are computed inside the kernel
 (no expanded index tensors in the forward), the bag is pooled and the parts combined in the
 same pass. Backward accumulates each touched row's gradient (duplicates merged, fixed order)
 and applies row-wise Adagrad in place. Tables, init and state names match the pooled lookups (kernels/lookup.py), so
 `lookup_state()` checkpoints move between the two.
 
-Selected on CUDA with embedding.backend "triton" (opt-in: TBE stays the default until a GPU
-benchmark shows this faster). On CPU it runs only under TRITON_INTERPRET=1 (tests).
+Selected with embedding.backend "triton", or by "auto" on CUDA without the CUDA build of TBE
+(embtables/fused_embeddings.py wraps it). On CPU it runs only under TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from torch import nn
 from embtables.kernels.lookup import seeded_initial_weights
 from embtables.kernels.optimizer import RowwiseAdagrad
 from embtables.kernels.table_state import TableStateMixin
-from embtables.kernels.triton_plan import SUPPORTED, Plan
+from embtables.kernels.triton_plan import Plan
+from embtables.specs import FusedFeature, TableSpec
 
 BLOCK_L, BLOCK_E = 16, 32
 
@@ -34,10 +35,6 @@ def triton_available(device: str | torch.device = "cuda") -> bool:
     if torch.device(device).type == "cuda":
         return torch.cuda.is_available()
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def triton_supports(methods) -> bool:
-    return all(m.name in SUPPORTED for m in methods)
 
 
 class _Lookup(torch.autograd.Function):
@@ -58,16 +55,16 @@ class _Lookup(torch.autograd.Function):
         return None, None, None, None, None
 
 
-class TritonMethodLookup(TableStateMixin, nn.Module):
+class TritonFusedLookup(TableStateMixin, nn.Module):
+    """Raw ids of the features (in `features` order) → [B, F, dim], over `tables`."""
+
     backend = "triton"
 
-    def __init__(self, methods, optimizer: RowwiseAdagrad | None = None, seed: int = 0,
-                 device: str | torch.device = "cpu"):
+    def __init__(self, features: list[FusedFeature], tables: list[TableSpec], dim: int,
+                 optimizer: RowwiseAdagrad | None = None, seed: int = 0, device: str | torch.device = "cpu"):
         super().__init__()
-        if not triton_supports(methods):
-            raise ValueError(f"the Triton lookup supports {SUPPORTED}; got {[m.name for m in methods]}")
-        self.tables = [t for m in methods for t in m.physical_tables()]
-        self.plan = Plan(methods, self.tables)
+        self.tables = list(tables)
+        self.plan = Plan(features, self.tables, dim)
         self.optimizer = optimizer or RowwiseAdagrad()
         initial = seeded_initial_weights(self.tables, seed)  # the same rows make_lookup starts from
         self.register_buffer("weight", torch.cat([w.reshape(-1) for w in initial]).to(device))

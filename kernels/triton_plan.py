@@ -1,7 +1,8 @@
-"""What the Triton lookup computes, as small descriptor tensors built from the methods.
+"""What the Triton lookup computes, as small descriptor tensors built from the fused parts.
 
-Each logical feature is 1..P *parts*; part p of feature f derives a row of one table from the
-raw id, pools it over the bag, and the feature's output combines its parts:
+Each logical feature is 1..P *parts* (embtables.specs.FusedFeature, from Method.fused_parts);
+part p of feature f derives a row of one table from the raw id, pools it over the bag, and the
+feature's output combines its parts:
 
     kind  IDENTITY  row = id                               (full)
           HASH      row = h_a(id) mod b                    (hash, multiplexed chunks; a = mixed salt)
@@ -17,94 +18,17 @@ here imports triton, so plans can be built and inspected anywhere.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from embtables.hashing import _signed, mix64_int
-from embtables.specs import TableSpec
-
-IDENTITY, HASH, DIV, MOD, BITS = range(5)
-CONCAT, SUM, MULT = range(3)
-SUPPORTED = ("full", "hash", "qr", "binary_code", "multiplexed")
-
-
-@dataclass
-class Part:
-    kind: int
-    table: str
-    col: int = 0            # first output column (CONCAT)
-    a: int = 0
-    b: int = 0
-    weighted: bool = True   # multiply by the bag's per-sample weight
-
-
-@dataclass
-class FeaturePlan:
-    parts: list[Part]
-    op: int = CONCAT
-    scramble: tuple[int, int, int] | None = None  # binary_code: (bits, half, multiplier) of its code
-
-
-def method_plans(method) -> list[FeaturePlan]:
-    """One plan per feature of `method`, in the method's feature order."""
-    name = method.name
-    if name == "full":
-        return [FeaturePlan([Part(IDENTITY, method.table_name)])]
-    if name == "hash":
-        return [FeaturePlan([Part(HASH, method.table_name, a=_signed(mix64_int(method.salt)), b=method.rows)])]
-    if name == "qr":
-        q_kind, r_kind, a = (MOD, DIV, method.q_rows) if method.frequency_aware else (DIV, MOD, method.c)
-        op = {"mult": MULT, "add": SUM, "concat": CONCAT}[method.op]
-        parts = [Part(q_kind, method.q_name, a=a),
-                 Part(r_kind, method.r_name, a=a, col=method.q_dim if method.op == "concat" else 0,
-                      weighted=method.op != "mult" or method.weight_both)]
-        return [FeaturePlan(parts, op)]
-    if name == "binary_code":
-        masks = [0] * method.k
-        for bit, owner in enumerate(method._owner.tolist()):
-            masks[owner] |= 1 << bit
-        names = method.table_names()
-        if method.fusion == "sum":
-            parts = [Part(BITS, names[0], a=m, b=off) for m, off in zip(masks, method.offsets)]
-            op = SUM
-        else:
-            width = method.dim // method.k
-            parts = [Part(BITS, n, a=m, col=i * width) for i, (n, m) in enumerate(zip(names, masks))]
-            op = CONCAT
-        scramble = None
-        if method.scramble:
-            from embtables.methods.binary_code import _SCRAMBLE_MULT
-
-            mask = (1 << method.bits) - 1
-            scramble = (method.bits, max(1, method.bits // 2), _SCRAMBLE_MULT & mask)
-        return [FeaturePlan(parts, op, scramble)]
-    if name == "multiplexed":
-        if method.combiner != "sum":
-            raise ValueError(f"the Triton lookup pools bags by sum; multiplexed combiner {method.combiner!r} has "
-                             f"no plan (use another backend)")
-        names = method.table_names()
-        plans = []
-        n = len(method.features)
-        for i in range(n):
-            parts = []
-            for j in range(method.chunks):
-                slot = j * n + i  # slots are chunk-major
-                parts.append(Part(HASH, names[method.slot_table[slot]], col=j * method.chunk_dim,
-                                  a=_signed(mix64_int(method.salts[slot])), b=method.rows))
-            plans.append(FeaturePlan(parts))
-        return plans
-    raise ValueError(f"the Triton lookup has no plan for method {name!r} (supported: {', '.join(SUPPORTED)})")
+from embtables.specs import BITS, FusedFeature, TableSpec
 
 
 class Plan:
     """All features' parts as [F, P] int64 tensors, and the tables as offsets into flat buffers."""
 
-    def __init__(self, methods, tables: list[TableSpec]):
-        self.features = [p for m in methods for p in method_plans(m)]
-        self.dim = methods[0].dim
-        if any(m.dim != self.dim for m in methods):
-            raise ValueError("the Triton lookup needs one output dim for every method")
+    def __init__(self, features: list[FusedFeature], tables: list[TableSpec], dim: int):
+        self.features = list(features)
+        self.dim = dim
         self.tables = list(tables)
         index = {t.name: i for i, t in enumerate(self.tables)}
         P = max(len(f.parts) for f in self.features)

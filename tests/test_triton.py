@@ -32,7 +32,8 @@ def test_in_a_fresh_process():
 
 from embtables.kernels import RowwiseAdagrad  # noqa: E402
 from embtables.kernels.lookup import seeded_initial_weights  # noqa: E402
-from embtables.kernels.triton_lookup import TritonMethodLookup, triton_available  # noqa: E402
+from embtables.fused_embeddings import fused_parts  # noqa: E402
+from embtables.kernels.triton_lookup import TritonFusedLookup, triton_available  # noqa: E402
 from embtables.methods.binary_code import BinaryCode  # noqa: E402
 from embtables.methods.full import Full  # noqa: E402
 from embtables.methods.hashing import Hash  # noqa: E402
@@ -67,6 +68,11 @@ def raw_ids(methods, seed, weighted):
                          * f.rows).long().clamp_max(f.rows - 1) for i, f in enumerate(features)])
     weights = torch.rand(values.numel(), generator=g) + 0.5 if weighted else None
     return KeyedJaggedTensor(keys=[f.name for f in features], values=values, lengths=lengths, weights=weights)
+
+
+def triton_lookup(methods, optimizer=None, seed=0):
+    tables = [t for m in methods for t in m.physical_tables()]
+    return TritonFusedLookup(fused_parts(methods, DIM), tables, DIM, optimizer, seed=seed)
 
 
 class Reference:
@@ -119,7 +125,7 @@ def test_matches_remap_lookup_combine_over_several_steps():
     methods = methods_under_test()
     opt = RowwiseAdagrad(lr=0.1)
     ref = Reference(methods, opt, seed=4)
-    fast = TritonMethodLookup(methods, opt, seed=4)
+    fast = triton_lookup(methods, opt, seed=4)
     assert fast.plan.max_parts == 4
     for step in range(3):
         kjt = raw_ids(methods, seed=10 + step, weighted=step == 1)  # per-sample weights in step 1
@@ -140,30 +146,30 @@ def test_matches_remap_lookup_combine_over_several_steps():
 @in_process
 def test_eval_and_state_round_trip():
     methods = methods_under_test()
-    fast = TritonMethodLookup(methods, seed=1).eval()
+    fast = triton_lookup(methods, seed=1).eval()
     kjt = raw_ids(methods, seed=3, weighted=False)
     before = fast.weight.clone()
     fast(kjt).sum().backward()  # eval: no update
     assert torch.equal(before, fast.weight)
-    other = TritonMethodLookup(methods, seed=2)
+    other = triton_lookup(methods, seed=2)
     other.load_lookup_state(fast.lookup_state())
     with torch.no_grad():
         torch.testing.assert_close(other(kjt), fast(kjt))
 
 
 @in_process
-def test_rejects_methods_without_a_plan():
-    class Odd:
-        name = "low_rank"
-    with pytest.raises(ValueError, match="supports"):
-        TritonMethodLookup([Odd()])
+def test_rejects_methods_without_fused_parts():
+    from embtables.methods.low_rank import LowRank
+
+    with pytest.raises(ValueError, match="'low_rank' has no fused"):
+        triton_lookup([LowRank.solve(FeatureSpec("a", 500), DIM, 4.0)])
 
 
 @in_process
 def test_refuses_the_mean_combiner_clearly():
     mean = Multiplexed([FeatureSpec("a", 50)], DIM, rows=7, chunks=2, combiner="mean")
     with pytest.raises(ValueError, match="combiner 'mean'"):
-        TritonMethodLookup([mean])
+        triton_lookup([mean])
 
 
 @in_process

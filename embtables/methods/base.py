@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from embtables.specs import FeatureSpec, TableSpec
+from embtables.specs import FeatureSpec, FusedFeature, TableSpec
 
 
 class Method(nn.Module):
@@ -57,6 +57,13 @@ class Method(nn.Module):
         gives each lookup key's first column. Lets the collection combine every such method
         in one gather. None (the default): call `combine`."""
         return None
+
+    def fused_parts(self) -> list[FusedFeature]:
+        """This method's remap + combine as the fused (Triton) kernels compute them: one
+        FusedFeature per feature, in order (see specs.FusedPart). ValueError, saying why, when
+        the method has no fused form."""
+        raise ValueError(f"method {self.name!r} has no fused (Triton) form; the Triton lookup runs full, hash, "
+                         f"qr, binary_code and multiplexed (sum combiner)")
 
     @classmethod
     def solve(cls, feature: FeatureSpec, dim: int, ratio: float, **options) -> "Method":

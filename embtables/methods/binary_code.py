@@ -23,7 +23,7 @@ from torchrec import KeyedJaggedTensor
 
 from embtables.methods.base import Method
 from embtables.methods.budget import solve_within_budget
-from embtables.specs import FeatureSpec, TableSpec
+from embtables.specs import BITS, CONCAT, SUM, FeatureSpec, FusedFeature, FusedPart, TableSpec
 
 LAYOUTS = ("succession", "skip")
 FUSIONS = ("sum", "concat")
@@ -101,6 +101,20 @@ class BinaryCode(Method):
 
     def combine(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([pooled[n] for n in self.table_names()], dim=1).unsqueeze(1)
+
+    def fused_parts(self) -> list[FusedFeature]:
+        masks = [0] * self.k  # the code bits each block takes
+        for bit, owner in enumerate(self._owner.tolist()):
+            masks[owner] |= 1 << bit
+        names = self.table_names()
+        if self.fusion == "sum":
+            parts, op = [FusedPart(BITS, names[0], a=m, b=off) for m, off in zip(masks, self.offsets)], SUM
+        else:
+            width = self.dim // self.k
+            parts, op = [FusedPart(BITS, n, a=m, col=i * width) for i, (n, m) in enumerate(zip(names, masks))], CONCAT
+        mask = (1 << self.bits) - 1
+        scramble = (self.bits, max(1, self.bits // 2), _SCRAMBLE_MULT & mask) if self.scramble else None
+        return [FusedFeature(tuple(parts), op, scramble)]
 
     def hyperparameters(self) -> dict:
         return {"bits": self.bits, "blocks": self.k, "block_bits": self.block_bits, "layout": self.layout,

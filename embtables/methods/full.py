@@ -5,7 +5,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from embtables.methods.base import Method
-from embtables.specs import FeatureSpec, TableSpec
+from embtables.specs import IDENTITY, FeatureSpec, FusedFeature, FusedPart, TableSpec
 
 
 class Full(Method):
@@ -31,6 +31,9 @@ class Full(Method):
 
     def combine_columns(self, starts: dict[str, int]) -> list[int]:
         return list(range(starts[self.table_name], starts[self.table_name] + self.dim))
+
+    def fused_parts(self) -> list[FusedFeature]:
+        return [FusedFeature((FusedPart(IDENTITY, self.table_name),))]
 
     @classmethod
     def solve(cls, feature: FeatureSpec, dim: int, ratio: float = 1.0, init_std: float = 0.01) -> "Full":

@@ -8,8 +8,8 @@ from torchrec import KeyedJaggedTensor
 
 from embtables.methods.base import Method, single_feature_kjt
 from embtables.methods.budget import solve_within_budget
-from embtables.hashing import hashed_rows, salt_of
-from embtables.specs import FeatureSpec, TableSpec
+from embtables.hashing import hashed_rows, mixed_salt, salt_of
+from embtables.specs import HASH, FeatureSpec, FusedFeature, FusedPart, TableSpec
 
 
 class Hash(Method):
@@ -36,6 +36,9 @@ class Hash(Method):
 
     def combine_columns(self, starts: dict[str, int]) -> list[int]:
         return list(range(starts[self.table_name], starts[self.table_name] + self.dim))
+
+    def fused_parts(self) -> list[FusedFeature]:
+        return [FusedFeature((FusedPart(HASH, self.table_name, a=mixed_salt(self.salt), b=self.rows),))]
 
     def hyperparameters(self) -> dict:
         return {"rows": self.rows, "salt": self.salt,

@@ -38,8 +38,8 @@ from torchrec import KeyedJaggedTensor
 
 from embtables.errors import ConfigError
 from embtables.methods.base import Method
-from embtables.hashing import salt_of, salted_hash
-from embtables.specs import FeatureSpec, TableSpec
+from embtables.hashing import mixed_salt, salt_of, salted_hash
+from embtables.specs import HASH, FeatureSpec, FusedFeature, FusedPart, TableSpec
 
 
 class Multiplexed(Method):
@@ -92,6 +92,16 @@ class Multiplexed(Method):
         return KeyedJaggedTensor(keys=self.slot_keys(), values=torch.cat(chunks),
                                  lengths=lengths.repeat(self.chunks),
                                  weights=None if weights is None else weights.repeat(self.chunks))
+
+    def fused_parts(self) -> list[FusedFeature]:
+        if self.combiner != "sum":
+            raise ValueError(f"the Triton lookup pools bags by sum; multiplexed combiner {self.combiner!r} has "
+                             f"no fused form (use another backend)")
+        names, n = self.table_names(), len(self.features)
+        return [FusedFeature(tuple(FusedPart(HASH, names[self.slot_table[j * n + i]], col=j * self.chunk_dim,
+                                             a=mixed_salt(self.salts[j * n + i]), b=self.rows)
+                                   for j in range(self.chunks)))  # slots are chunk-major
+                for i in range(n)]
 
     def combine(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
         keys = self.slot_keys()

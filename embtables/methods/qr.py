@@ -36,7 +36,7 @@ from embtables.errors import ConfigError
 from embtables.methods.base import Method
 from embtables.methods.budget import solve_within_budget
 from embtables.methods.full import Full
-from embtables.specs import FeatureSpec, TableSpec
+from embtables.specs import CONCAT, DIV, MOD, MULT, SUM, FeatureSpec, FusedFeature, FusedPart, TableSpec
 
 OPS = ("mult", "add", "concat")
 
@@ -85,6 +85,13 @@ class QuotientRemainder(Method):
         if self.frequency_aware:
             return ids % self.q_rows, ids // self.q_rows
         return ids // self.c, ids % self.c
+
+    def fused_parts(self) -> list[FusedFeature]:
+        q_kind, r_kind, a = (MOD, DIV, self.q_rows) if self.frequency_aware else (DIV, MOD, self.c)  # as pair()
+        q = FusedPart(q_kind, self.q_name, a=a)
+        r = FusedPart(r_kind, self.r_name, a=a, col=self.q_dim if self.op == "concat" else 0,
+                      weighted=self.op != "mult" or self.weight_both)  # as remap's weights
+        return [FusedFeature((q, r), {"mult": MULT, "add": SUM, "concat": CONCAT}[self.op])]
 
     def remap(self, ids: KeyedJaggedTensor) -> KeyedJaggedTensor:
         q, r = self.pair(ids.values())

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embtables.errors import ConfigError, DataError
+from embtables.hashing import GOLDEN, mix64_array, uniform_of
 from embtables.serving.encoder import flatten
 from embtables.specs import FeatureSpec
 from embtables.atomic import write_json_atomic
@@ -137,13 +138,9 @@ def check_target(out, valid_fraction: float | None = None) -> None:
 
 def valid_mask(start: int, n: int, fraction: float, seed: int) -> np.ndarray:
     """Rows [start, start+n) of the stream that go to valid: a seeded hash of the row index."""
-    with np.errstate(over="ignore"):
-        # splitmix64: a fixed, fast integer hash, so the split is reproducible everywhere.
-        z = np.arange(start, start + n, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+    with np.errstate(over="ignore"):  # a fixed, fast integer hash: the split is reproducible everywhere
+        z = np.arange(start, start + n, dtype=np.uint64) + np.uint64(seed) * np.uint64(GOLDEN)
+    return uniform_of(mix64_array(z)) < fraction
 
 
 # ---------------------------------------------------------------- counting

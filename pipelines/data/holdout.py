@@ -10,19 +10,10 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
+from embtables.hashing import GOLDEN, mix64_array as _mix, uniform_of
 from embtables.pipelines.data.batches import Batch
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser (uint64, wrapping): every input bit reaches every output bit."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * _M1
-        x = (x ^ (x >> np.uint64(27))) * _M2
-        return x ^ (x >> np.uint64(31))
+_GOLDEN = np.uint64(GOLDEN)
 
 
 def row_hashes(batch: Batch, seed: int) -> np.ndarray:
@@ -48,8 +39,7 @@ def row_hashes(batch: Batch, seed: int) -> np.ndarray:
 
 def held_out(batch: Batch, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of the batch's rows that belong to the held-out slice."""
-    u = (row_hashes(batch, seed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    return u < fraction
+    return uniform_of(row_hashes(batch, seed)) < fraction
 
 
 def subset_batch(batch: Batch, keep: np.ndarray) -> Batch:
