@@ -30,7 +30,7 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor, Pooling
 from embtables.frequency_order import FrequencyOrder, count_ids
 from embtables.kernels.lookup import seeded_initial_weights
 from embtables.kernels.optimizer import RowwiseAdagrad
-from embtables.methods.base import Method
+from embtables.methods.base import Method, concat_remapped
 from embtables.methods.build import build_methods
 from embtables.specs import FeatureSpec
 from embtables.torchrec_tables import TorchRecTables
@@ -100,7 +100,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
         self._rows = {t.name: t.num_embeddings for t in self._configs}
         keys = [(f"{k}#{j}", table) for i, j in self._instances for k, table in methods[i].lookups()]
         physical = [t for m in methods for t in m.physical_tables()]
-        self.tables = TorchRecTables(physical, keys, optimizer, device=device, is_weighted=is_weighted)
+        self.tables = TorchRecTables(physical, keys, optimizer, device=device)
         if torch.device(device or "cpu").type != "meta":
             self.tables.load_weights(seeded_initial_weights(physical, seed))
         self._mean = {f for t in self._configs if t.pooling == PoolingType.MEAN for f in t.feature_names}
@@ -128,7 +128,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
             raise KeyError(f"CompressedEmbeddingBagCollection: input lacks features {missing}")
         batch = features.stride()
         parts = [self._remap(i, j, jts, batch) for i, j in self._instances]
-        pooled = self.tables(KeyedJaggedTensor.concat(parts))
+        pooled = self.tables(concat_remapped(parts))
         out: dict[str, torch.Tensor] = {}
         for i, j in self._instances:
             m = self.methods[i]

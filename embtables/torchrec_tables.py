@@ -11,6 +11,10 @@ Such tables are padded to the next multiple of 4 inside the EBC and the pooled o
 back. The padded columns get zero gradient, so they never affect an output; row-wise Adagrad
 averages g² over the padded row, which shrinks the accumulator by c = dim/padded, so lr and eps
 are scaled by sqrt(c) and the update is exactly the unpadded one.
+
+Always weighted: methods make per-sample weights in remap (multiplexed's mean combiner w/Σw,
+qr's per-factor weighting), and an unweighted TorchRec EBC ignores a KJT's weights. A weighted
+one requires them on every KJT, so a KJT without weights gets ones (the same sums).
 """
 from __future__ import annotations
 
@@ -64,10 +68,10 @@ class TorchRecTables(nn.Module):
     """
 
     def __init__(self, tables: list[TableSpec], keys: list[tuple[str, str]], optimizer: RowwiseAdagrad | None,
-                 device: torch.device | str | None = None, is_weighted: bool = False):
+                 device: torch.device | str | None = None):
         super().__init__()
         self.tables = list(tables)
-        self.ebc = EmbeddingBagCollection(tables=table_configs(self.tables, keys), is_weighted=is_weighted,
+        self.ebc = EmbeddingBagCollection(tables=table_configs(self.tables, keys), is_weighted=True,
                                           device=torch.device(device or "cpu"))
         dims = {t.name: t.dim for t in self.tables}
         self.dims = {key: dims[t] for key, t in keys}  # pooled columns per lookup key
@@ -97,6 +101,9 @@ class TorchRecTables(nn.Module):
         return [self.ebc.embedding_bags[t.name].weight[:, :t.dim] for t in self.tables]
 
     def forward(self, physical: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        if physical.weights_or_none() is None:
+            physical = KeyedJaggedTensor(keys=physical.keys(), values=physical.values(), lengths=physical.lengths(),
+                                         weights=torch.ones(physical.values().numel(), device=physical.values().device))
         pooled = self.ebc(physical).to_dict()
         return {key: pooled[key][:, :d] if pooled[key].shape[1] != d else pooled[key]
                 for key, d in self.dims.items()}

@@ -33,6 +33,16 @@ def synth(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def synth_multi_hot(tmp_path_factory) -> Path:
+    """Multi-hot bags, where a mean combiner differs from a sum."""
+    from embtables.pipelines.data.ingest_synth import ingest
+
+    out = tmp_path_factory.mktemp("dist") / "synth-mh"
+    ingest(out, preset="tiny", rows=4_000, multi_hot=1, seed=3)
+    return out
+
+
 def overrides(data: Path, **extra) -> list[str]:
     base = {"data.train": str(data), "train.batch_size": 512, "train.epochs": 2, "train.seed": 0,
             "model.name": "dlrm", "model.bottom_mlp": "[32]", "model.top_mlp": "[64]", "train.threads": 1}
@@ -209,14 +219,19 @@ def _sharded_equals_unsharded(rank, world, data, port, result_dir, sets=()):
 
 
 SHARED_TABLES = ("embedding.compression.method=multiplexed", "embedding.compression.ratio=4")
+# The mean combiner pools through per-sample weights w/Σw set in remap: the sharded EBC must use them.
+MEAN_COMBINER = (*SHARED_TABLES, "embedding.compression.combiner=mean")
 
 
-@pytest.mark.parametrize("sets", [(), SHARED_TABLES], ids=["full", "multiplexed"])
-def test_sharded_lookup_matches_the_fused_one_and_checkpoints_read_whole(synth, tmp_path, sets):
+@pytest.mark.parametrize("sets,data", [((), "synth"), (SHARED_TABLES, "synth"), (MEAN_COMBINER, "synth_multi_hot")],
+                         ids=["full", "multiplexed", "multiplexed-mean-multi-hot"])
+def test_sharded_lookup_matches_the_fused_one_and_checkpoints_read_whole(request, tmp_path, sets, data):
     """Column-wise shards of padded (6 → 8) tables: same outputs as one process; the sharded
     checkpoint loads into the single-process model with the same predictions. Multiplexed
     reads one table under several lookup keys (TorchRec: one table, several feature names)."""
     import torch.multiprocessing as mp
+
+    synth = request.getfixturevalue(data)
 
     from embtables.pipelines.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_state
     from embtables.pipelines.train.build import build_model, resolve_inputs

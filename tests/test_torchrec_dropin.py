@@ -112,6 +112,36 @@ def test_full_method_equals_torchrec_ebc_given_the_same_weights():
                                theirs(b.dense_features, b.sparse_features), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_multiplexed_mean_combiner_equals_the_plain_collection(weighted):
+    """The mean combiner pools through per-sample weights w/Σw made in remap: the inner TorchRec
+    EBC must apply them (and the input's own weights, when the collection is weighted)."""
+    from helpers import kjt
+
+    from embtables.collection import PooledEmbeddingCollection, lookup_layout
+    from embtables.kernels import make_lookup
+    from embtables.specs import FeatureSpec
+
+    tables = [EmbeddingBagConfig(name=k, embedding_dim=DIM, num_embeddings=HASH, feature_names=[k]) for k in KEYS[:3]]
+    ebc = CompressedEmbeddingBagCollection(tables=tables, is_weighted=weighted, optimizer=None, compression={
+        "method": "multiplexed", "ratio": 10, "combiner": "mean"})
+    bags = {k: [[1, 2, 3], [], [4], [5, 1999]] for k in KEYS[:3]}
+    ws = {k: [[0.5, 1.0, 2.0], [], [3.0], [1.0, 0.25]] for k in KEYS[:3]} if weighted else None
+    features = [FeatureSpec(t.name, t.num_embeddings) for t in tables]
+    layer = ebc.methods[0]
+    physical, _, key_tables = lookup_layout([layer])
+    plain = PooledEmbeddingCollection(features, DIM, [layer], make_lookup(physical, key_tables, "torch"))
+    for mine, theirs in zip(ebc.tables.table_weights(), plain.lookup.table_weights()):
+        torch.testing.assert_close(mine, theirs)  # both seeded alike
+    got = ebc(kjt(bags, ws)).values().view(4, 3, DIM)
+    torch.testing.assert_close(got, plain(kjt(bags, ws)), rtol=0, atol=1e-6)
+    w = torch.tensor(ws[KEYS[0]][0]) if weighted else torch.ones(3)
+    sums = CompressedEmbeddingBagCollection(tables=tables, optimizer=None, compression={
+        "method": "multiplexed", "ratio": 10})(kjt({k: [[1], [2], [3], []] for k in KEYS[:3]}))
+    first = (sums.values()[:3, :DIM] * (w / w.sum()).unsqueeze(1)).sum(0)  # bag [1, 2, 3] of feature 0
+    torch.testing.assert_close(got[0, 0], first, rtol=0, atol=1e-6)
+
+
 def test_counts_order_ids_and_without_counts_the_agnostic_form_is_said():
     with pytest.warns(UserWarning, match="frequency-agnostic"):
         blind = CompressedEmbeddingBagCollection(tables=configs(), compression={"method": "mixed_dim", "ratio": 4})
