@@ -225,6 +225,31 @@ def test_quantized_exports(tmp_path, full_run, data, precision):
                        pq.read_table(tmp_path / "t.parquet")["logit"].to_numpy(), atol=1e-5)
 
 
+def test_out_of_range_ids_raise_in_a_quantized_export(tmp_path, full_run):
+    """`full` passes raw ids straight to the IntNBit TBE, which would read row 0 for an id past
+    the table: serving raises the training lookups' IndexError instead, naming the table."""
+    out = export_run(full_run[0], tmp_path / "exp", quantize="int8")
+    model = embtables.load(out)
+    rows = {t["name"]: t["rows"] for t in model.lookup.tables}
+    features = model.features
+    dense = torch.zeros(2, len(model.dense_names))
+
+    def kjt(bad: int | None) -> KeyedJaggedTensor:
+        ids = [[0, 1] for _ in features]
+        if bad is not None:
+            ids[1][1] = bad
+        return KeyedJaggedTensor(keys=features, values=torch.tensor([i for pair in ids for i in pair]),
+                                 lengths=torch.ones(2 * len(features), dtype=torch.int64))
+
+    assert model(dense, kjt(None)).shape == (2,)
+    table = model.embeddings.tables[model.embeddings.key_tables[1]].name
+    for backend in (["fbgemm", "torch"] if "fbgemm" in model.lookup.backends else ["torch"]):
+        model = embtables.load(out, backend=backend)
+        for bad in (rows[table], -1):
+            with pytest.raises(IndexError, match=rf"table '{table}': index {bad} at position 3 is out of range"):
+                model(dense, kjt(bad))
+
+
 def test_raw_parquet_scores_like_encoded(tmp_path, full_run, data):
     tmp, ds = data
     out = export_run(full_run[0], tmp_path / "exp")

@@ -5,6 +5,9 @@ key-major), but several keys may read one table (multiplexed methods). fp32, int
 tables go to one FBGEMM `IntNBitTableBatchedEmbeddingBagsCodegen` call where fbgemm_gpu
 imports; every other table (binary, fp32-scaled or odd-dim int4, or no FBGEMM) to the torch
 path, which gathers the looked-up rows, dequantizes only those, and sums each bag.
+
+Out-of-range ids (a `full` method passes raw ids straight through) raise the IndexError of the
+training lookups, checked once before either path; TBE's own check is off (it maps them to row 0).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embtables.errors import ExportError
-from embtables.kernels.fbgemm_lookup import fbgemm_module_loads
+from embtables.kernels.fbgemm_lookup import check_bounds, fbgemm_module_loads
 from embtables.serving.quantize import dequantize_table, per_row_scale_bias, rows_per_scale
 
 BACKENDS = ("auto", "fbgemm", "torch")
@@ -70,6 +73,9 @@ class ServingLookup(nn.Module):
                                   f"reads {rows_per_scale(t['dim'])} at dim {t['dim']}")
         self.key_table = [index[table] for _, table in lookups]
         self.key_dims = [self.tables[t]["dim"] for t in self.key_table]
+        self._key_names = [self.tables[t]["name"] for t in self.key_table]
+        self.register_buffer("_key_rows", torch.tensor([self.tables[t]["rows"] for t in self.key_table],
+                                                        device=device), persistent=False)
         use_fbgemm = backend != "torch" and fbgemm_nbit_available()
         # fp32 tables take the TBE too (one fused call instead of one embedding_bag per key).
         self.kinds = ["fbgemm" if use_fbgemm and fbgemm_fits(t, s) else "torch" for t, s in zip(tables, stored)]
@@ -85,7 +91,9 @@ class ServingLookup(nn.Module):
 
     def _build_tbe(self, stored, device: torch.device):
         from fbgemm_gpu.split_embedding_configs import SparseType
-        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+            BoundsCheckMode, EmbeddingLocation, PoolingMode,
+        )
         from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
 
         group = [i for i, kind in enumerate(self.kinds) if kind == "fbgemm"]
@@ -95,13 +103,15 @@ class ServingLookup(nn.Module):
                   types[self.tables[i]["precision"]], location) for i in group]
         tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
             embedding_specs=specs, feature_table_map=[group.index(self.key_table[k]) for k in self.fbgemm_keys],
-            pooling_mode=PoolingMode.SUM, output_dtype=SparseType.FP32, device=device)
+            pooling_mode=PoolingMode.SUM, output_dtype=SparseType.FP32, device=device,
+            bounds_check_mode=BoundsCheckMode.NONE)  # `forward` checks (and raises) instead
         tbe.initialize_weights()
         tbe.assign_embedding_weights([intnbit_weights(self.tables[i], stored[i], device) for i in group])
         return tbe
 
     def forward(self, values: torch.Tensor, offsets: torch.Tensor,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        check_bounds(values, offsets, self._key_rows, self._key_names)
         keys = len(self.key_table)
         batch = (offsets.numel() - 1) // keys
         starts = offsets[::batch].tolist() if batch else [0] * (keys + 1)
