@@ -10,6 +10,9 @@ from embtables.models.dcnv2 import DCNv2
 from embtables.models.dlrm import DLRM
 
 
+LOOKUP_PREFIX = "embeddings.lookup."  # state-dict keys of the tables (CTRModel.embeddings.lookup)
+
+
 class CTRModel(nn.Module):
     """Embedding collection + dense network → click logit."""
 

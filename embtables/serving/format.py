@@ -14,7 +14,6 @@ MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest_sha256"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 DENSE_FILE = "dense.safetensors"
-LOOKUP_PREFIX = "embeddings.lookup."
 
 
 def embtables_version() -> str:

@@ -13,7 +13,7 @@ import time
 import torch
 
 from embtables.models.dlrm import DLRM
-from embtables.pipelines.train.local import make_optimizer
+from embtables.pipelines.train.local import make_optimizer, update
 
 
 def mlp_flops_per_sample(n_dense: int, n_sparse: int, dim: int, bottom: list[int], top: list[int]) -> int:
@@ -61,10 +61,7 @@ def dense_bound(n_dense: int, n_sparse: int, dim: int, bottom: list[int], top: l
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(dense, embedded)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), label)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        update(optimizer, torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), label))
         embedded.grad = None
 
     seconds = _time(step, steps)

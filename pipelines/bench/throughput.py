@@ -113,7 +113,7 @@ def our_stepper(args, dataset: Path, precision: str):
     from embtables.pipelines.train.precision import autocast_network
     from embtables.pipelines.data.prefetch import Prefetcher
     from embtables.pipelines.train.build import build_model, resolve_inputs
-    from embtables.pipelines.train.local import make_model_optimizer
+    from embtables.pipelines.train.local import make_model_optimizer, update, with_regularization
 
     cfg = our_config(args, dataset, precision)
     inputs = resolve_inputs(cfg)
@@ -130,10 +130,8 @@ def our_stepper(args, dataset: Path, precision: str):
 
     def step() -> None:
         batch = next(batches)
-        loss = loss_fn(model(batch.dense[:, inputs.dense_index], batch.sparse), batch.label)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        update(optimizer, with_regularization(model, loss_fn(model(batch.dense[:, inputs.dense_index], batch.sparse),
+                                                             batch.label)))
 
     return step, batches
 

@@ -11,23 +11,14 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embtables.errors import ConfigError, DataError
+from embtables.errors import ConfigError
 from embtables.pipelines.data.parquet_io import open_parquet, read_row_group
 from embtables.pipelines.data.encode import load_stats
+from embtables.rows import Batch, dense_features, sparse_ids, to_kjt
 
 BUFFER_ROW_GROUPS = 4  # rows are shuffled within this many row groups
-
-
-@dataclass
-class Batch:
-    label: torch.Tensor                 # [B] float32
-    dense: torch.Tensor                 # [B, n_dense] float32, log1p(max(x, 0))
-    sparse: KeyedJaggedTensor           # keys = sparse features in stats order
-    rows: int
 
 
 @dataclass(frozen=True)
@@ -120,38 +111,15 @@ class _Reader:
         pf = self._files[unit.path]
         t = read_row_group(pf, unit.path, unit.row_group, self.columns).slice(unit.start, unit.rows)
         label = t.column(self.stats["label"]).to_numpy().astype(np.float32)
-        if self.stats["dense"]:
-            dense = np.stack([t.column(d).to_numpy(zero_copy_only=False) for d in self.stats["dense"]], 1)
-            dense = np.log1p(np.maximum(dense.astype(np.float32), 0.0))  # heavy-tailed counts
-        else:
-            dense = np.zeros((t.num_rows, 0), dtype=np.float32)
+        row0 = unit.file_row + unit.start
+        dense = dense_features(t, self.stats["dense"], str(unit.path), row0)
         lengths, values, multi = [], [], []
         for name in self.stats["sparse"]:
-            col = t.column(name).combine_chunks()
-            multi.append(pa.types.is_list(col.type))
-            if multi[-1]:
-                lens = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int32)
-                vals = pc.list_flatten(col)
-            else:
-                lens, vals = np.ones(len(col), dtype=np.int32), col
+            multi.append(pa.types.is_list(t.schema.field(name).type))
+            ids, lens = sparse_ids(t.column(name), name, self.stats["features"][name]["rows"], str(unit.path), row0)
             lengths.append(lens)
-            values.append(self._checked_ids(unit, name, vals, lens))
+            values.append(ids)
         return _Rows(label, dense, lengths, values, multi)
-
-    def _checked_ids(self, unit: _Unit, name: str, vals: pa.Array, lens: np.ndarray) -> np.ndarray:
-        rows = self.stats["features"][name]["rows"]
-        if vals.null_count:
-            ids, bad = None, vals.is_null().to_numpy(zero_copy_only=False)
-        else:
-            ids = vals.to_numpy(zero_copy_only=False)
-            bad = (ids < 0) | (ids >= rows)
-        if bad.any():
-            j = int(np.flatnonzero(bad)[0])
-            i = int(np.searchsorted(np.cumsum(lens), j, side="right"))  # value index → row
-            row = unit.file_row + unit.start + i
-            raise DataError(f"{unit.path}: row {row}: column {name!r} has id {vals[j].as_py()}, "
-                            f"outside [0, {rows})")
-        return ids.astype(np.int64, copy=False)
 
 
 def _shard(units: list[_Unit], rank: int, world: int) -> list[_Unit]:
@@ -167,13 +135,9 @@ def _shard(units: list[_Unit], rank: int, world: int) -> list[_Unit]:
 
 
 def _to_batch(rows: _Rows, keys: list[str]) -> Batch:
-    kjt = KeyedJaggedTensor(
-        keys=keys,
-        values=torch.from_numpy(np.concatenate(rows.values) if rows.values else np.zeros(0, np.int64)),
-        lengths=torch.from_numpy(np.concatenate(rows.lengths) if rows.lengths else np.zeros(0, np.int32)),
-    )
     return Batch(label=torch.from_numpy(np.ascontiguousarray(rows.label)),
-                 dense=torch.from_numpy(np.ascontiguousarray(rows.dense)), sparse=kjt, rows=len(rows))
+                 dense=torch.from_numpy(np.ascontiguousarray(rows.dense)),
+                 sparse=to_kjt(keys, rows.values, rows.lengths), rows=len(rows))
 
 
 def iterate_batches(dataset_dir, split: str, batch_size: int, *, shuffle: bool, seed: int = 0,

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from embtables.errors import ConfigError, DataError
 from embtables.hashing import GOLDEN, mix64_array, uniform_of
-from embtables.serving.encoder import flatten
+from embtables.rows import flatten
 from embtables.specs import FeatureSpec
 from embtables.atomic import write_json_atomic
 from embtables.pipelines.data.identity import check_no_readers, content_fingerprint, vocabulary_digest

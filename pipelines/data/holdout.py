@@ -11,7 +11,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from embtables.hashing import GOLDEN, mix64_array as _mix, uniform_of
-from embtables.pipelines.data.batches import Batch
+from embtables.rows import Batch
 
 _GOLDEN = np.uint64(GOLDEN)
 

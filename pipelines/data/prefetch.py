@@ -1,7 +1,7 @@
 """Prefetch batches on a background thread so reading and decoding overlap the train step.
 
 Parquet decoding and numpy work release the GIL, so the next batches are prepared while the
-current step computes. Batch tensors are pinned when a GPU is present (faster, async copies).
+current step computes.
 Errors in the producer are re-raised in the consumer; leaving the loop early stops the thread.
 """
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import queue
 import threading
 from typing import Callable, Iterable, Iterator, TypeVar
-
-import torch
 
 T = TypeVar("T")
 _DONE = object()
@@ -75,13 +73,3 @@ class Prefetcher(Iterator[T]):
 class _Failure:
     def __init__(self, error: BaseException):
         self.error = error
-
-
-def pin_batch(batch):
-    """Pin a Batch's tensors for fast host→GPU copies (a no-op without CUDA)."""
-    if not torch.cuda.is_available():
-        return batch
-    batch.label = batch.label.pin_memory()
-    batch.dense = batch.dense.pin_memory()
-    batch.sparse = batch.sparse.pin_memory() if hasattr(batch.sparse, "pin_memory") else batch.sparse
-    return batch

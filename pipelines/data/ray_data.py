@@ -10,18 +10,15 @@ rows to even the workers out); workers that run dry train on empty padding steps
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embtables.errors import DataError
-from embtables.pipelines.data.batches import Batch
+from embtables.rows import Batch, dense_features, sparse_ids, to_kjt
 
 HASH = "row_hash"
 
@@ -57,47 +54,19 @@ def all_rows_data_config(datasets_to_split="all"):
     return AllRowsDataConfig(datasets_to_split)
 
 
-@dataclass
-class HashedBatch(Batch):
-    hashes: np.ndarray = None           # uint64 row_hash of each row (exactly-once bookkeeping)
-
-
-def to_batch(table: pa.Table, stats: dict, split: str) -> HashedBatch:
-    """A pyarrow batch of encoded rows → Batch (dense log1p'd, ids checked against the tables)."""
+def to_batch(table: pa.Table, stats: dict, split: str) -> Batch:
+    """A pyarrow batch of encoded rows → Batch (dense transformed, ids checked), with its row hashes."""
+    where = f"{split} split"
     label = table.column(stats["label"]).to_numpy().astype(np.float32)
-    if stats["dense"]:
-        dense = np.stack([table.column(d).to_numpy(zero_copy_only=False) for d in stats["dense"]], 1)
-        dense = np.log1p(np.maximum(np.nan_to_num(dense.astype(np.float32), nan=0.0), 0.0))
-    else:
-        dense = np.zeros((table.num_rows, 0), dtype=np.float32)
-    lengths, values = [], []
-    for name in stats["sparse"]:
-        col = table.column(name).combine_chunks()
-        if pa.types.is_list(col.type):
-            lens = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int32)
-            vals = pc.list_flatten(col)
-        else:
-            lens, vals = np.ones(len(col), dtype=np.int32), col
-        if vals.null_count:
-            raise DataError(f"{split} split: column {name!r} has a null id")
-        ids = vals.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-        rows = stats["features"][name]["rows"]
-        if ids.size and (ids.min() < 0 or ids.max() >= rows):
-            bad = int(ids[(ids < 0) | (ids >= rows)][0])
-            raise DataError(f"{split} split: column {name!r} has id {bad}, outside [0, {rows})")
-        lengths.append(lens)
-        values.append(ids)
-    kjt = KeyedJaggedTensor(keys=list(stats["sparse"]),
-                            values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-                            lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)))
-    hashes = table.column(HASH).to_numpy().astype(np.uint64, copy=False)
-    return HashedBatch(label=torch.from_numpy(np.ascontiguousarray(label)),
-                       dense=torch.from_numpy(np.ascontiguousarray(dense)), sparse=kjt,
-                       rows=table.num_rows, hashes=hashes)
+    ids = [sparse_ids(table.column(n), n, stats["features"][n]["rows"], where) for n in stats["sparse"]]
+    return Batch(label=torch.from_numpy(np.ascontiguousarray(label)),
+                 dense=torch.from_numpy(dense_features(table, stats["dense"], where)),
+                 sparse=to_kjt(stats["sparse"], [v for v, _ in ids], [n for _, n in ids]),
+                 rows=table.num_rows, hashes=table.column(HASH).to_numpy().astype(np.uint64, copy=False))
 
 
 def shard_batches(shard, stats: dict, split: str, batch_size: int, *, skip: np.ndarray | None = None,
-                  shuffle_buffer: int = 0, seed: int | None = None, prefetch: int = 2) -> Iterator[HashedBatch]:
+                  shuffle_buffer: int = 0, seed: int | None = None, prefetch: int = 2) -> Iterator[Batch]:
     """One pass over this worker's streaming split: full batches of `batch_size` rows, the
     last one partial; rows whose hash is in the sorted array `skip` are left out (resume)."""
     pending: list[pa.Table] = []
@@ -127,10 +96,10 @@ def sorted_contains(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
     return sorted_values[pos] == x
 
 
-def padding_batch(stats: dict) -> HashedBatch:
+def padding_batch(stats: dict) -> Batch:
     """One row of id 0 everywhere, to be weighted 0: keeps a worker in step when it has run dry."""
     keys = list(stats["sparse"])
     kjt = KeyedJaggedTensor(keys=keys, values=torch.zeros(len(keys), dtype=torch.int64),
                             lengths=torch.ones(len(keys), dtype=torch.int32))
-    return HashedBatch(label=torch.zeros(1), dense=torch.zeros(1, len(stats["dense"])), sparse=kjt, rows=0,
+    return Batch(label=torch.zeros(1), dense=torch.zeros(1, len(stats["dense"])), sparse=kjt, rows=0,
                        hashes=np.zeros(0, np.uint64))

@@ -29,7 +29,9 @@ from safetensors.torch import save_file
 from embtables.atomic import atomic_dir, check_replaceable, write_json_atomic
 from embtables.serving import method_tensors
 from embtables.errors import ExportError
-from embtables.serving.format import (DENSE_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT, EXPORT_VERSION, LOOKUP_PREFIX,
+from embtables.models import LOOKUP_PREFIX
+from embtables.rows import DENSE_TRANSFORM
+from embtables.serving.format import (DENSE_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT, EXPORT_VERSION,
                                       MANIFEST, MANIFEST_DIGEST, embtables_version, file_sha256, is_export,
                                       manifest_digest, tensor_sha256)
 from embtables.serving.quantize import check_precision, expected_bytes, quantize_table, rows_per_scale, stored_bytes
@@ -89,7 +91,7 @@ def export_run(run_dir, out, quantize: str = "none", binary_bits: int = 1, check
         "source": {"run": str(run_dir.resolve()), "checkpoint": ckpt.name, "dataset": str(inputs.dataset)},
         "precision": quantize, "binary_bits": binary_bits if quantize == "binary" else None,
         "model": cfg["model"], "dim": emb.dim, "label": inputs.stats["label"],
-        "dense": list(inputs.dense), "dense_transform": "log1p(max(x, 0)); missing/NaN → 0",
+        "dense": list(inputs.dense), "dense_transform": DENSE_TRANSFORM,
         "features": [], "methods": method_entries, "tables": table_entries,
         "bytes": {
             "tables": table_bytes, "method_tensors": method_bytes, "embedding": table_bytes + method_bytes,

@@ -126,8 +126,8 @@ def predict(export, data, out, metrics_path=None, batch_size: int = 16384, split
                 cols = {"row": pa.array(np.arange(row, row + enc.rows, dtype=np.int64)),
                         "prediction": pa.array(p.astype(np.float32)), "logit": pa.array(logits)}
                 if has_label:
-                    cols["label"] = pa.array(enc.label.astype(np.float32))
-                    labels.append(enc.label)
+                    cols["label"] = pa.array(enc.label.numpy())
+                    labels.append(enc.label.numpy())
                     probs.append(p)
                 cols.update({k: batch.column(k) for k in keep})
                 table = pa.table(cols)

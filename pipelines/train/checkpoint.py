@@ -22,8 +22,8 @@ import torch
 
 from embtables import atomic
 from embtables.errors import EmbtablesError
+from embtables.models import LOOKUP_PREFIX
 
-LOOKUP_PREFIX = "embeddings.lookup."
 DIGESTS = "digests.json"
 KEEP = 2  # checkpoints kept per run: the newest and one to fall back to
 

@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 
 from embtables.errors import EmbtablesError
+from embtables.models import LOOKUP_PREFIX
 
 EBC_PREFIX = "embeddings.lookup.ebc.embedding_bags."
-LOOKUP_PREFIX = "embeddings.lookup."
 
 
 def is_sharded_checkpoint(path: Path) -> bool:

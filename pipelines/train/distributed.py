@@ -146,7 +146,7 @@ def _quiet_libraries() -> None:
 
 @dataclass
 class Step:
-    local: object   # this rank's HashedBatch (a zero-weight padding row once its split ran dry)
+    local: object   # this rank's Batch (a zero-weight padding row once its split ran dry)
     rows: int       # rows of this step over all ranks
 
 

@@ -16,7 +16,7 @@ from embtables.pipelines.train.checkpoint import (checkpoint_dirs, latest_checkp
                                                   write_json_atomic)
 from embtables.pipelines.train.evaluate import evaluate
 from embtables.pipelines.train.precision import autocast_network, precision_record
-from embtables.pipelines.data.prefetch import Prefetcher, pin_batch
+from embtables.pipelines.data.prefetch import Prefetcher
 from embtables.pipelines.train.build import build_model, resolve_inputs
 from embtables.pipelines.train.run_identity import check_resume, run_record
 from embtables.pipelines.train.run_lock import run_lock
@@ -179,7 +179,7 @@ class LocalRun:
         batches = iterate_batches(self.inputs.dataset, "train", tcfg["batch_size"], shuffle=True, seed=tcfg["seed"],
                                   epoch=epoch, start_row=position["rows_in_epoch"])
         if tcfg.get("prefetch", 0):  # read + decode the next batches while this step computes
-            batches = Prefetcher(batches, depth=tcfg["prefetch"], transform=pin_batch)
+            batches = Prefetcher(batches, depth=tcfg["prefetch"])
         return batches
 
     def forward(self, batch):
@@ -197,6 +197,19 @@ class LocalRun:
     def evaluate(self) -> dict:
         return evaluate(self.model, self.inputs.dataset, "valid", self.inputs.dense_index,
                         self.cfg["train"]["eval_batch_size"])
+
+
+def with_regularization(model, loss: torch.Tensor) -> torch.Tensor:
+    """The training loss: the data loss plus the methods' own terms (e.g. OptEmbed's threshold penalty)."""
+    reg = model.embeddings.regularization()
+    return loss if reg is None else loss + reg
+
+
+def update(optimizer, loss: torch.Tensor) -> None:
+    """One optimizer step on `loss` (the table rows are updated inside backward: fused row-wise Adagrad)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 
 def train_loop(run, position: dict, tcfg: dict, progress: bool, batch_filter=None) -> None:
@@ -223,16 +236,11 @@ def train_loop(run, position: dict, tcfg: dict, progress: bool, batch_filter=Non
                 position["rows_in_epoch"] += rows_read
                 bar.update(rows_read)
                 continue
-            logits = run.forward(batch)
-            loss = run.loss(logits, batch)
-            if (reg := model.embeddings.regularization()) is not None:
-                loss = loss + reg  # methods' own terms, e.g. OptEmbed's threshold penalty
+            loss = with_regularization(model, run.loss(run.forward(batch), batch))
             if not run.finite(loss):  # before any update or checkpoint: the last one stays good
                 raise EmbtablesError(f"loss is {loss.item()} at step {position['step'] + 1} (epoch {epoch + 1}); "
                                      f"training stopped, the last good checkpoint is kept in {run.out}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # table rows are updated inside this call (fused row-wise Adagrad)
-            optimizer.step()
+            update(optimizer, loss)
             position["step"] += 1
             position["rows_in_epoch"] += rows_read
             position["train_rows_seen"] += batch.rows

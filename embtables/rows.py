@@ -1,0 +1,86 @@
+"""Rows → model inputs, written once for training (single process and Ray Data) and serving:
+the batch type, the dense transform and the checked decoding of sparse id columns."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchrec import KeyedJaggedTensor
+
+from embtables.errors import DataError
+
+# Dense features are heavy-tailed counts; the export manifest records this string.
+DENSE_TRANSFORM = "log1p(max(x, 0)); missing/NaN → 0"
+
+
+@dataclass
+class Batch:
+    label: torch.Tensor | None          # [B] float32 (None: a table scored without labels)
+    dense: torch.Tensor                 # [B, n_dense] float32, DENSE_TRANSFORM applied
+    sparse: KeyedJaggedTensor           # ids per feature, keys in the model's (or stats') order
+    rows: int
+    hashes: np.ndarray | None = None    # Ray Data's uint64 row_hash per row (exactly-once bookkeeping)
+
+
+def dense_features(table, names: list[str], where: str, row0: int = 0) -> np.ndarray:
+    """[rows, len(names)] float32 through DENSE_TRANSFORM; inf (or beyond float32) is a DataError."""
+    if not names:
+        return np.zeros((table.num_rows, 0), dtype=np.float32)
+    with np.errstate(over="ignore"):  # beyond float32 becomes inf, reported below
+        x = np.stack([table.column(n).to_numpy(zero_copy_only=False).astype(np.float32) for n in names], 1)
+    bad = np.isinf(x)
+    if bad.any():
+        i, j = map(int, np.argwhere(bad)[0])
+        raise DataError(f"{where}: row {row0 + i}: dense column {names[j]!r} is {table.column(names[j])[i].as_py()}, "
+                        f"inf or beyond float32")
+    x[np.isnan(x)] = 0.0  # missing values arrive as NaN
+    return np.log1p(np.maximum(x, 0.0, out=x), out=x)
+
+
+def flatten(col: pa.Array) -> tuple[pa.Array, np.ndarray | None]:
+    """Sparse column → (flat values as int64 or string, per-row lengths for lists, else None).
+
+    A null list counts as an empty list; a null value (single or inside a list) stays null.
+    """
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    lengths = None
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int32)
+        col = pc.list_flatten(col)
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    target = pa.int64() if pa.types.is_integer(col.type) else pa.string()
+    return col.cast(target), lengths
+
+
+def checked_ids(flat: pa.Array, lengths: np.ndarray, name: str, rows: int, where: str,
+                row0: int = 0) -> np.ndarray:
+    """Flat int ids as int64, each in [0, rows); else a DataError naming the row."""
+    if flat.null_count:
+        ids, bad = None, flat.is_null().to_numpy(zero_copy_only=False)
+    else:
+        ids = flat.to_numpy(zero_copy_only=False)
+        bad = (ids < 0) | (ids >= rows)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        i = int(np.searchsorted(np.cumsum(lengths), j, side="right"))  # value index → row
+        raise DataError(f"{where}: row {row0 + i}: column {name!r} has id {flat[j].as_py()}, outside [0, {rows})")
+    return ids.astype(np.int64, copy=False)
+
+
+def sparse_ids(col, name: str, rows: int, where: str, row0: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An encoded sparse column (int ids, or lists of them) → (int64 ids, int32 lengths), checked."""
+    flat, lengths = flatten(col)
+    lengths = np.ones(len(col), dtype=np.int32) if lengths is None else lengths
+    return checked_ids(flat, lengths, name, rows, where, row0), lengths
+
+
+def to_kjt(keys: list[str], values: list[np.ndarray], lengths: list[np.ndarray]) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor(
+        keys=list(keys),
+        values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
+        lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)))
