@@ -267,6 +267,34 @@ def test_run_dir_lock_refuses_a_second_writer_and_a_dead_holder_does_not_block(t
     assert not stale.exists()
 
 
+def test_eval_and_export_remove_a_dead_process_temporaries_but_not_a_live_training(tmp_path, synth, capsys):
+    cfg, run = write_config(tmp_path, synth), tmp_path / "run"
+    assert run_cli(capsys, "train", cfg, "--out", run, "--quiet")[0] == 0
+
+    def plant() -> list[Path]:
+        ckpt = run / "checkpoints" / ".tmp-step-00000099-999999"  # a killed training's half checkpoint
+        ckpt.mkdir(exist_ok=True)
+        (ckpt / "state.pt").write_bytes(b"partial")
+        json_tmp = run / ".metrics.json.tmp-999999-0123abcd"
+        json_tmp.write_text("{")
+        return [ckpt, json_tmp]
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run / "run.lock")], stdout=subprocess.PIPE, text=True)
+    try:  # a training holds the run: its temporaries are live, so eval leaves them
+        assert holder.stdout.readline().strip() == "held"
+        stale = plant()
+        assert run_cli(capsys, "eval", run)[0] == 0
+        assert all(p.exists() for p in stale)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert run_cli(capsys, "eval", run)[0] == 0
+    assert not any(p.exists() for p in stale)
+    stale = plant()
+    assert run_cli(capsys, "export", run, "--out", tmp_path / "exp")[0] == 0
+    assert not any(p.exists() for p in stale)
+
+
 # --- SIGKILL of a real single-process training --------------------------------------------
 def wait_for(cond, proc, timeout=300):
     deadline = time.time() + timeout

@@ -37,7 +37,9 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from embtables.pipelines.train.evaluate import evaluate
     from embtables.pipelines.train.build import load_run
+    from embtables.pipelines.train.run_lock import clean_run
 
+    clean_run(args.run)
     check_run_dataset(args.run)
     model, cfg, inputs = load_run(args.run)
     dataset, split = _split_of(args.data, inputs.dataset)

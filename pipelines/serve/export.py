@@ -63,6 +63,7 @@ def _json_plain(obj):
 def export_run(run_dir, out, quantize: str = "none", binary_bits: int = 1, checkpoint=None) -> Path:
     """Write the export of `run_dir` (its latest checkpoint unless given) to `out`; returns `out`."""
     from embtables.pipelines.train.checkpoint import latest_checkpoint
+    from embtables.pipelines.train.run_lock import clean_run
 
     try:
         check_precision(quantize, binary_bits)
@@ -72,6 +73,7 @@ def export_run(run_dir, out, quantize: str = "none", binary_bits: int = 1, check
     info_path = run_dir / "run.json"
     if not info_path.is_file():
         raise ExportError(f"{run_dir} is not a training run (no run.json)")
+    clean_run(run_dir)
     cfg = json.loads(info_path.read_text())["config"]
     ckpt = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if ckpt is None:

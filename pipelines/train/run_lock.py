@@ -2,27 +2,47 @@
 
 The kernel drops a flock when its process dies, however it dies, so a lock left by a killed run
 never blocks the next command. Whoever holds the lock is the only writer, so any temporary it
-finds (a half-written checkpoint or file of a killed process) is stale and is removed.
+finds (a half-written checkpoint or file of a killed process) is stale and is removed: training
+does it for the whole run (`run_lock`), and commands that read a run (eval, export) do it when
+no training holds the lock (`clean_run`). Temporaries beside a single output path (exports,
+predictions, datasets) are cleaned by their writer through embtables.atomic.clean_stale.
 """
 from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from embtables.atomic import remove
 from embtables.errors import EmbtablesError
 
 LOCK_FILE = "run.lock"
 # Where a training writes temporaries: the run, its checkpoints, and OptEmbed's stage dirs.
 TEMP_DIRS = (".", "checkpoints", "supernet", "supernet/checkpoints", "search")
-TEMP_PATTERNS = (".tmp-step-*", ".*.tmp-*")
+TEMP_PATTERNS = (".tmp-step-*", ".*.tmp-*", ".*.writing-*")  # checkpoints, JSON, atomic_file
 
 
 @contextmanager
 def run_lock(run_dir: Path):
-    run_dir = Path(run_dir)
+    """Held for a whole training; the run's stale temporaries are removed first."""
+    with _exclusive(Path(run_dir)):
+        remove_stale_temporaries(run_dir)
+        yield
+
+
+def clean_run(run_dir: Path) -> list[Path]:
+    """For commands that read a run (eval, export): remove its stale temporaries unless a
+    training holds the lock (then they are live). The lock is held only while cleaning."""
+    try:
+        with _exclusive(Path(run_dir)):
+            return remove_stale_temporaries(run_dir)
+    except (EmbtablesError, OSError):  # a training runs, or the run is read-only: leave everything
+        return []
+
+
+@contextmanager
+def _exclusive(run_dir: Path):
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -33,7 +53,6 @@ def run_lock(run_dir: Path):
                                  "wait for it to end or pick another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        remove_stale_temporaries(run_dir)
         yield
     finally:
         os.close(fd)  # releases the lock; the file stays (removing it would race a waiting process)
@@ -45,9 +64,6 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     for sub in TEMP_DIRS:
         for pattern in TEMP_PATTERNS:
             for path in (Path(run_dir) / sub).glob(pattern):
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+                remove(path)
                 removed.append(path)
     return removed
