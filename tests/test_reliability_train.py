@@ -237,6 +237,44 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert all(torch.isfinite(v).all() for v in state["tables"].values())
 
 
+class _InfGradient(torch.autograd.Function):
+    """Adds 0 to the loss; sends an infinite gradient into x (an update that overflows)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.shape, float("inf"))
+
+
+@pytest.mark.parametrize("where", ["dense", "tables"])
+def test_finite_loss_with_non_finite_weights_stops_before_the_checkpoint(tmp_path, synth, capsys, monkeypatch,
+                                                                          where):
+    """Step 6's loss is finite but its update makes the dense weights (or the table rows, whose
+    row-wise Adagrad runs inside backward) non-finite: the step-6 checkpoint is not written."""
+    cfg, run = write_config(tmp_path, synth), tmp_path / "run"
+    real, steps = LocalRun.loss, {"n": 0}
+
+    def loss(self, logits, batch):
+        steps["n"] += 1
+        value = real(self, logits, batch)
+        if steps["n"] != 6:
+            return value
+        x = (next(self.model.network.parameters()) if where == "dense"
+             else self.model.embeddings(batch.sparse))
+        return value + _InfGradient.apply(x)
+
+    monkeypatch.setattr(LocalRun, "loss", loss)
+    code, _, err = run_cli(capsys, "train", cfg, "--out", run, "--quiet")
+    assert code == 2 and "weights are not finite after step 6" in one_error_line(err)
+    assert [p.name for p in checkpoint_dirs(run)] == ["step-00000003"]
+    state = load_checkpoint(latest_checkpoint(run))
+    assert all(torch.isfinite(v).all() for v in [*state["tables"].values(), *state["dense"].values()])
+
+
 # --- 12. run-dir lock ---------------------------------------------------------------------
 HOLD_LOCK = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
              "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('held', flush=True); "

@@ -241,6 +241,14 @@ class DistributedRun:
             (Path(tmp) / "pointer.json").write_text(json.dumps({"path": str(path)}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    def weights(self) -> list[torch.Tensor]:
+        """What this rank's checkpoint holds: the dense parameters and its shards of the tables."""
+        from embtables.pipelines.train.checkpoint import LOOKUP_PREFIX
+        from embtables.pipelines.train.sharding import sharded_tables
+
+        return ([p for n, p in self.model.named_parameters() if not n.startswith(LOOKUP_PREFIX)]
+                + [s.tensor for t in sharded_tables(self.dmp).values() for s in t.local_shards()])
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         import torch.distributed as dist

@@ -194,6 +194,13 @@ class LocalRun:
     def save(self, position: dict) -> None:
         save_checkpoint(self.out, position["step"], self.model, self.optimizer, position)
 
+    def weights(self) -> list[torch.Tensor]:
+        """What a checkpoint holds: the dense parameters and the tables."""
+        from embtables.pipelines.train.checkpoint import LOOKUP_PREFIX
+
+        return ([p for n, p in self.model.named_parameters() if not n.startswith(LOOKUP_PREFIX)]
+                + list(self.model.embeddings.lookup.table_weights()))
+
     def evaluate(self) -> dict:
         return evaluate(self.model, self.inputs.dataset, "valid", self.inputs.dense_index,
                         self.cfg["train"]["eval_batch_size"])
@@ -251,7 +258,7 @@ def train_loop(run, position: dict, tcfg: dict, progress: bool, batch_filter=Non
             if every and position["step"] % every == 0:
                 position["train_seconds"] += time.perf_counter() - tick
                 tick = time.perf_counter()
-                run.save(position)
+                _save(run, position)
             if _done(position, max_steps):
                 break
         position["train_seconds"] += time.perf_counter() - tick
@@ -265,7 +272,19 @@ def train_loop(run, position: dict, tcfg: dict, progress: bool, batch_filter=Non
         position["history"].append({"epoch": epoch + 1, "step": position["step"], **scores})
         if getattr(run, "verbose", True):  # distributed: rank 0 speaks for the job
             print(f"epoch {epoch + 1}: valid AUC {scores['auc']:.4f}  logloss {scores['logloss']:.4f}", flush=True)
-        run.save(position)
+        _save(run, position)
+
+
+def _save(run, position: dict) -> None:
+    """Checkpoint, unless an update made some weight non-finite although its loss was finite:
+    then stop, keeping the last good checkpoint. Checked only here, as it reads every weight
+    once (tables included), which the checkpoint does anyway; one host sync (`run.finite`
+    makes the ranks agree)."""
+    ok = torch.stack([torch.isfinite(w).all() for w in run.weights()]).all()
+    if not run.finite(torch.where(ok, 0.0, float("nan"))):
+        raise EmbtablesError(f"weights are not finite after step {position['step']} (the loss was); training "
+                             f"stopped before its checkpoint, the last good checkpoint is kept in {run.out}")
+    run.save(position)
 
 
 def _done(position, max_steps) -> bool:
