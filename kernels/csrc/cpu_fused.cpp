@@ -28,6 +28,7 @@ struct Tables {
 };
 
 constexpr int64_t kPrefetch = 16;
+constexpr int64_t kGradAhead = 8;
 
 inline void prefetch_row(const float* row, int64_t dim, int write = 0) {
     for (int64_t k = 0; k < dim; k += 16) {  // every 64-byte line of the row
@@ -184,6 +185,9 @@ void embtables_backward_adagrad(int64_t n_features, int64_t batch, const int64_t
             const int64_t* off = offsets + f * batch;
             for (int64_t b = 0; b < batch; ++b) {
                 const float* g = grad + b * grad_stride + out_cols[f];
+                // One feature's columns of the gradient are a strided walk (a row apart, beyond
+                // what the hardware prefetcher follows): ask for the slice a few bags ahead.
+                if (b + kGradAhead < batch) prefetch_row(g + kGradAhead * grad_stride, dim);
                 for (int64_t p = off[b]; p < off[b + 1]; ++p) {
                     const int64_t r = indices[p];
                     if (part_of(r, parts) != part) continue;
