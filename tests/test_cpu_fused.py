@@ -210,6 +210,31 @@ def test_kernel_bench_reports_every_backend_and_the_speedup():
 
 
 @needs_cpu_fused
+def test_kernel_bench_sweeps_one_axis_at_a_time():
+    import argparse
+
+    from embtables.pipelines.bench.kernels import add_kernel_args, run_kernel_bench
+
+    parser = argparse.ArgumentParser()
+    add_kernel_args(parser)
+    args = parser.parse_args(["--tables", "2", "--rows", "300", "--dims", "8", "--batch", "32", "--iters", "1",
+                              "--warmup", "0", "--batches", "1", "--copy-mb", "8", "--backends", "cpu_fused",
+                              "--sweep", "tables=1,3", "--sweep", "pooling=4"])
+    report = run_kernel_bench(args)
+    assert report["cpu"]["model"] and "by_dim" not in report  # only the sweeps' shapes ran
+    assert [p["tables"] for p in report["sweeps"]["tables"]] == [1, 3]
+    pooled = report["sweeps"]["pooling"][0]
+    assert pooled["pooling"] == 4 and pooled["by_dim"]["8"]["cpu_fused"]["train_step_ms"] > 0
+    # more tables move more bytes (the other settings held)
+    by_tables = [p["by_dim"]["8"]["train_step_bytes"] for p in report["sweeps"]["tables"]]
+    assert by_tables[1] > 2 * by_tables[0]
+    for bad in ("dims=8", "tables=", "rows=0", "pooling=x"):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(["--sweep", bad])
+        assert exit_.value.code == 2
+
+
+@needs_cpu_fused
 def test_auto_picks_cpu_fused_on_cpu_only():
     from embtables.errors import ConfigError
     from embtables.kernels.lookup import resolve_backend

@@ -11,6 +11,8 @@ same batches and output gradients; the largest differences to FBGEMM are reporte
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import gc
 import os
 import statistics
@@ -22,10 +24,25 @@ from embtables.kernels import RowwiseAdagrad
 from embtables.kernels.cpu_fused import CpuFusedLookup, cpu_fused_available
 from embtables.kernels.fbgemm_lookup import FbgemmLookup, fbgemm_available
 from embtables.kernels.torch_lookup import TorchLookup
+from embtables.pipelines.train.precision import cpu_description
 from embtables.specs import TableSpec
 
 CLASSES = {"torch": TorchLookup, "fbgemm": FbgemmLookup, "cpu_fused": CpuFusedLookup}
 CHECK_STEPS = 3  # steps replayed on every backend from the same start to compare results
+SWEEP_AXES = ("tables", "rows", "pooling")
+
+
+def sweep_arg(text: str) -> tuple[str, list[int]]:
+    """`AXIS=V1,V2,...` (AXIS one of SWEEP_AXES; values may be written 1e6)."""
+    axis, _, values = text.partition("=")
+    try:
+        numbers = [int(float(v)) for v in values.split(",") if v.strip()]
+    except ValueError:
+        numbers = []
+    if axis not in SWEEP_AXES or not numbers or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(f"expected AXIS=V1,V2,... with AXIS one of {', '.join(SWEEP_AXES)} "
+                                         f"and positive whole numbers, got {text!r}")
+    return axis, numbers
 
 
 def add_kernel_args(parser) -> None:
@@ -42,6 +59,9 @@ def add_kernel_args(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: all cores)")
     parser.add_argument("--copy-mb", type=int, default=256, help="buffer size of the memory-copy reference")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep", type=sweep_arg, action="append", default=[], metavar="AXIS=V1,V2,...",
+                        help="scaling table: run the shape once per value of AXIS (tables, rows or pooling), "
+                             "the other settings as given; repeatable; only the sweeps' shapes run")
 
 
 def zipf_ids(n: int, rows: int, exponent: float, generator: torch.Generator) -> torch.Tensor:
@@ -168,6 +188,26 @@ def bench_dim(dim: int, args, batches, copy_gbps: float) -> dict:
     return out
 
 
+def bench_shape(args, copy_gbps: float) -> dict:
+    """Every dim of one shape (tables, rows, batch, pooling): the per-dim reports."""
+    batches = make_batches(args)
+    return {str(dim): bench_dim(dim, args, batches, copy_gbps) for dim in args.dim_list}
+
+
+def run_sweeps(args, copy_gbps: float) -> dict:
+    """One axis at a time from the given shape: how each cost grows with the work."""
+    sweeps = {}
+    for axis, values in args.sweep:
+        points = []
+        for value in values:
+            shape = copy.copy(args)
+            setattr(shape, axis, value)
+            print(f"-- {axis} = {value:,}", flush=True)
+            points.append({axis: value, "load_average": os.getloadavg()[0], "by_dim": bench_shape(shape, copy_gbps)})
+        sweeps[axis] = points
+    return sweeps
+
+
 def run_kernel_bench(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,20 +218,25 @@ def run_kernel_bench(args) -> dict:
     available = {"torch": True, "fbgemm": fbgemm_available(), "cpu_fused": cpu_fused_available()}
     args.backend_list = [b for b in wanted if available[b]]
     skipped = [b for b in wanted if not available[b]]
-    dims = [int(d) for d in str(args.dims).split(",")]
+    dims = args.dim_list = [int(d) for d in str(args.dims).split(",")]
     load_before = os.getloadavg()
-    copy = memcpy_gbps(args.copy_mb)
-    print(f"memory copy {copy:.1f} GB/s (read + write); load average {load_before[0]:.2f}; "
+    copy_gbps = memcpy_gbps(args.copy_mb)
+    cpu = cpu_description()
+    print(f"{cpu['model']} ({', '.join(f for f in cpu['flags'] if 'bf16' in f or 'amx' in f) or 'no bf16/amx'}); "
+          f"memory copy {copy_gbps:.1f} GB/s (read + write); load average {load_before[0]:.2f}; "
           f"{torch.get_num_threads()} threads", flush=True)
-    batches = make_batches(args)
     report = {
         "shape": {"tables": args.tables, "rows": args.rows, "dims": dims, "batch": args.batch,
                   "pooling": args.pooling, "zipf": args.zipf, "iters": args.iters, "warmup": args.warmup},
-        "threads": torch.get_num_threads(), "memcpy_gbps": copy, "backends": args.backend_list,
-        "skipped_backends": skipped, "load_average_before": list(load_before), "by_dim": {},
+        "cpu": cpu, "threads": torch.get_num_threads(), "memcpy_gbps": copy_gbps,
+        "backends": args.backend_list,
+        "skipped_backends": skipped, "load_average_before": list(load_before),
     }
-    for dim in dims:
-        report["by_dim"][str(dim)] = bench_dim(dim, args, batches, copy)
+    if args.sweep:
+        report["sweeps"] = run_sweeps(args, copy_gbps)
+        report["load_average_after"] = list(os.getloadavg())
+        return report
+    report["by_dim"] = bench_shape(args, copy_gbps)
     report["load_average_after"] = list(os.getloadavg())
     headline = report["by_dim"][str(dims[0])]
     if "speedup_vs_fbgemm_train_step_cpu_fused" in headline:

@@ -175,7 +175,8 @@ def run_paired(args, dataset: Path, precision: str) -> dict:
 
 def run_throughput_bench(args) -> dict:
     from embtables.pipelines.bench.dense_bound import dense_bound
-    from embtables.pipelines.train.precision import bf16_supported, precision_record, resolve_precision
+    from embtables.pipelines.train.precision import (bf16_supported, cpu_description, precision_record,
+                                                     resolve_precision)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,7 +185,7 @@ def run_throughput_bench(args) -> dict:
     report: dict = {"model": {"bottom": [13, *BOTTOM, DIM], "top": [*TOP, 1], "dim": DIM, "batch": args.batch},
                     "dataset": str(dataset), "backend": args.backend, "precision": headline,
                     "precision_requested": args.precision, "precision_check": precision_record(args.precision),
-                    "threads": args.threads or torch.get_num_threads(),
+                    "cpu": cpu_description(), "threads": args.threads or torch.get_num_threads(),
                     "load_average_before": list(os.getloadavg())}
     # The headline run, then the other precision: fp32 is the AUC reference for bf16.
     precisions = [headline] + [p for p in ("fp32", "bf16") if p != headline and not args.skip_reference

@@ -8,6 +8,8 @@ and only while training: evaluation runs in fp32.
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import time
 import warnings
 from pathlib import Path
@@ -18,9 +20,21 @@ from torch import nn
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo() -> str:
     cpuinfo = Path("/proc/cpuinfo")
-    return set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
+    return cpuinfo.read_text() if cpuinfo.is_file() else ""
+
+
+def _cpu_flags() -> set[str]:
+    return set(_cpuinfo().split())
+
+
+def cpu_description() -> dict:
+    """The CPU model and its vector/matrix flags, for benchmark reports (speed differs by CPU)."""
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return {"model": model, "cores": os.cpu_count(),
+            "flags": sorted(f for f in _cpu_flags() if f.startswith(("avx2", "avx512", "amx")))}
 
 
 @functools.cache
