@@ -54,6 +54,32 @@ def test_matches_torch_reference_over_several_steps(weighted, threads):
 
 
 @needs_cpu_fused
+@pytest.mark.parametrize("weighted", [False, True])
+def test_long_bags_heavy_duplicates_and_mixed_dims_match_the_reference(weighted):
+    """Batches far longer than the kernels' prefetch distances, bags of up to 64 ids, a 3-row
+    table every id of which repeats hundreds of times, odd and wide dims, two threads."""
+    tables = [TableSpec("tiny", 3, 16), TableSpec("wide", 500, 128), TableSpec("odd", 90, 33),
+              TableSpec("narrow", 2000, 4)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opt = RowwiseAdagrad(lr=0.05)
+        ref = TorchLookup(tables, opt, initial=initial(tables))
+        fast = CpuFusedLookup(tables, opt, initial=initial(tables))
+        for step in range(3):
+            indices, offsets = random_bags(tables, batch=300, max_len=64, seed=10 + step)
+            psw = torch.rand(indices.numel(), generator=torch.Generator().manual_seed(step)) if weighted else None
+            grad = torch.randn(300, fast.out_dim, generator=torch.Generator().manual_seed(50 + step))
+            outs = [m(indices, offsets, psw) for m in (ref, fast)]
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)  # sums of up to 64 rows
+            for out in outs:
+                out.backward(grad)
+    finally:
+        torch.set_num_threads(before)
+    assert_same_tables(ref, fast)
+
+
+@needs_cpu_fused
 def test_duplicates_are_merged_before_one_update_and_empty_bags_are_zero():
     table = TableSpec("t", 5, 4)
     fast = CpuFusedLookup([table], RowwiseAdagrad(lr=0.5), initial=initial([table]))
