@@ -243,7 +243,7 @@ class DistributedRun:
 
     def weights(self) -> list[torch.Tensor]:
         """What this rank's checkpoint holds: the dense parameters and its shards of the tables."""
-        from embtables.pipelines.train.checkpoint import LOOKUP_PREFIX
+        from embtables.models import LOOKUP_PREFIX
         from embtables.pipelines.train.sharding import sharded_tables
 
         return ([p for n, p in self.model.named_parameters() if not n.startswith(LOOKUP_PREFIX)]

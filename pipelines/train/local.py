@@ -196,7 +196,7 @@ class LocalRun:
 
     def weights(self) -> list[torch.Tensor]:
         """What a checkpoint holds: the dense parameters and the tables."""
-        from embtables.pipelines.train.checkpoint import LOOKUP_PREFIX
+        from embtables.models import LOOKUP_PREFIX
 
         return ([p for n, p in self.model.named_parameters() if not n.startswith(LOOKUP_PREFIX)]
                 + list(self.model.embeddings.lookup.table_weights()))
