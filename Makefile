@@ -13,7 +13,7 @@ TORCH ?= install
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed-$(SET)
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow test-gpu clean
 
 install: $(STAMP)
 
@@ -48,10 +48,14 @@ demo: install
 
 # The fast suite (< 10 min with set-up on 2 cores); the Ray job tests are `make test-slow`.
 test: install
-	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+	$(VENV)/bin/python -m pytest -q -m "not slow and not gpu" tests
 
 test-slow: install
 	$(VENV)/bin/python -m pytest -q -m slow tests
+
+# GPU tests (skipped without CUDA). Alone: tests/test_triton.py would switch Triton to its interpreter.
+test-gpu: install
+	$(VENV)/bin/python -m pytest -q -m gpu tests/test_gpu.py
 
 clean:
 	rm -rf $(VENV) runs data/prepared build *.egg-info

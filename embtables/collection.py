@@ -12,6 +12,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from embtables.errors import ConfigError
+from embtables.jagged import kjt_offsets, order_keys
 from embtables.kernels import RowwiseAdagrad, make_lookup, resolve_backend
 from embtables.methods.base import Method, concat_remapped
 from embtables.specs import FeatureSpec, TableSpec
@@ -48,9 +49,18 @@ class EmbeddingLayer(nn.Module):
         self._output_order = [covered.index(f.name) for f in features]
         self.register_buffer("_output_index", torch.tensor(self._output_order), persistent=False)
 
+    @property
+    def input_keys(self) -> list[str]:
+        """The feature order forward consumes; a KJT already in it (see `order_input`) is not permuted."""
+        return self._method_order
+
+    def order_input(self, sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The raw-id KJT in `input_keys` order, offsets filled in, without fbgemm ops: run it on the
+        host before moving a batch to the device, and the device needs no permutation."""
+        return order_keys(sparse, self._method_order)
+
     def _in_method_order(self, sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        index = {k: i for i, k in enumerate(sparse.keys())}
-        return sparse.permute([index[n] for n in self._method_order])
+        return sparse if sparse.keys() == self._method_order else self.order_input(sparse)
 
     def _in_feature_order(self, out: torch.Tensor) -> torch.Tensor:
         if self._output_order == sorted(self._output_order):  # already in feature order: no copy
@@ -118,7 +128,7 @@ class PooledEmbeddingCollection(EmbeddingLayer):
         ordered = self._in_method_order(sparse)
         parts = ordered.split([len(m.features) for m in self.methods])
         physical = concat_remapped([m.remap(p) for m, p in zip(self.methods, parts)])
-        pooled = self.lookup(physical.values().long(), physical.offsets().long(), physical.weights_or_none())
+        pooled = self.lookup(physical.values().long(), kjt_offsets(physical), physical.weights_or_none())
         if self._gather is not None:
             out = _PermuteColumns.apply(pooled, self._gather, self._scatter)
             return out.view(-1, len(self.features), self.dim)

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from embtables.device import resolve_device
 from embtables.errors import ConfigError
 
 # Every key a config may hold, with its default. `None` marks "required or optional, no default".
@@ -59,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
         "prefetch": 2,            # batches prepared ahead on a background thread; 0 = off
         "sharding": None,         # table_wise | column_wise | row_wise (distributed runs)
         "max_failures": 0,
+        "device": "auto",         # auto (CUDA when available) | cpu | cuda | cuda:N
     },
 }
 
@@ -218,6 +220,10 @@ def check_config(cfg: dict) -> None:
     need(tcfg["precision"] in ("fp32", "bf16", "auto"), "train.precision", "must be fp32, bf16 or auto")
     need(tcfg["sharding"] is None or tcfg["sharding"] in SHARDINGS, "train.sharding",
          f"must be one of {', '.join(SHARDINGS)} (or unset)")
+    try:  # well formed, and an explicit CUDA request only where CUDA is
+        resolve_device(tcfg["device"])
+    except ConfigError as e:
+        raise ConfigError(f"config key 'train.device': {e}") from None
 
 
 def _check_compression(need, key: str, compression: dict) -> None:

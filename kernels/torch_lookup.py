@@ -56,12 +56,14 @@ class TorchLookup(nn.Module):
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         batch = (offsets.numel() - 1) // len(self.feature_tables)
+        # Every group's first offset in one device→host copy (one sync on CUDA, not two per group).
+        bounds = offsets[::batch].tolist() if batch else [0] * (len(self.feature_tables) + 1)
         outs = []
         for i, table in enumerate(self.feature_tables):
             weight = self.weights[table]  # a table read by several groups gets their grads summed
             start, end = i * batch, (i + 1) * batch
             bag_offsets = offsets[start:end + 1]
-            lo, hi = int(bag_offsets[0]), int(bag_offsets[-1])
+            lo, hi = bounds[i], bounds[i + 1]
             psw = None if per_sample_weights is None else per_sample_weights[lo:hi]
             outs.append(F.embedding_bag(indices[lo:hi], weight, bag_offsets[:-1] - lo, mode="sum",
                                         sparse=True, per_sample_weights=psw, include_last_offset=False))

@@ -12,11 +12,13 @@ Selected with embedding.backend "triton", or by "auto" on CUDA without the CUDA 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 from torch import nn
 
+from embtables.jagged import kjt_offsets
 from embtables.kernels.lookup import seeded_initial_weights
 from embtables.kernels.optimizer import RowwiseAdagrad
 from embtables.kernels.table_state import TableStateMixin
@@ -37,10 +39,16 @@ def triton_available(device: str | torch.device = "cuda") -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def device_guard(device: torch.device):
+    """Triton launches on the *current* CUDA device: make it the tensors' one (cuda:1 etc.)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class _Lookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, module, ids, offsets, psw):
-        out, parts = module.pooled(ids, offsets, psw)
+        with device_guard(ids.device):
+            out, parts = module.pooled(ids, offsets, psw)
         ctx.module, ctx.training = module, module.training
         ctx.save_for_backward(ids, offsets, psw, parts)
         return out
@@ -51,7 +59,8 @@ class _Lookup(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             raise NotImplementedError("the Triton lookup does not differentiate per-sample weights")
         if ctx.training:
-            ctx.module.apply_gradient(ids, offsets, psw, parts, grad_out.float().contiguous())
+            with device_guard(ids.device):
+                ctx.module.apply_gradient(ids, offsets, psw, parts, grad_out.float().contiguous())
         return None, None, None, None, None
 
 
@@ -91,7 +100,7 @@ class TritonFusedLookup(TableStateMixin, nn.Module):
     # --- the lookup ---------------------------------------------------------------------------
     def forward(self, ids) -> torch.Tensor:
         """Raw-id KJT (keys = the methods' features, in method order) → [B, F, d]."""
-        offsets = ids.offsets().long().contiguous()
+        offsets = kjt_offsets(ids).long().contiguous()
         values = ids.values().long().contiguous()
         psw = ids.weights_or_none()
         psw = None if psw is None else psw.float().contiguous()

@@ -24,6 +24,11 @@ class CTRModel(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         return self.network(dense, self.embeddings(sparse))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives (the dense network's parameters; the tables are placed with them)."""
+        return next(self.network.parameters()).device
+
     def dense_parameters(self):
         """Everything but the tables (those are updated inside the fused lookup's backward)."""
         lookup = {id(p) for p in self.embeddings.lookup.parameters()}

@@ -18,6 +18,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from embtables.collection import PooledEmbeddingCollection
+from embtables.device import resolve_device
 from embtables.serving import method_tensors
 from embtables.errors import ConfigError, ExportError
 from embtables.serving.format import (DENSE_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT, EXPORT_VERSION, MANIFEST,
@@ -112,6 +113,7 @@ def load(path, device: str | torch.device = "cpu", backend: str = "auto", verify
     from embtables.models import build_network
 
     path = Path(path)
+    device = resolve_device(device)  # a CUDA request without CUDA: a one-line ConfigError
     manifest = read_manifest(path)
     if verify:
         listed = manifest.get("files", {})
@@ -188,7 +190,8 @@ class InferenceModel(nn.Module):
         missing = [n for n in self.features if n not in sparse.keys()]
         if missing:
             raise ExportError(f"input lacks sparse features {missing}; the model needs {self.features}")
-        return self.embeddings(sparse.to(self.device))
+        # keys ordered on the host in plain torch (no fbgemm op on the device), then moved
+        return self.embeddings(self.embeddings.order_input(sparse).to(self.device))
 
     @torch.no_grad()
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:

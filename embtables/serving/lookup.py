@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embtables.errors import ExportError
-from embtables.kernels.fbgemm_lookup import check_bounds, fbgemm_module_loads
+from embtables.kernels.fbgemm_lookup import check_bounds, fbgemm_cuda_available, fbgemm_module_loads
 from embtables.serving.quantize import dequantize_table, per_row_scale_bias, rows_per_scale
 
 BACKENDS = ("auto", "fbgemm", "torch")
@@ -59,9 +59,12 @@ class ServingLookup(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown serving backend {backend!r}; choose one of {BACKENDS}")
-        if backend == "fbgemm" and not fbgemm_nbit_available():
-            raise RuntimeError("backend 'fbgemm' requested but fbgemm_gpu does not import here")
         device = torch.device(device)
+        # On CUDA the IntNBit TBE needs the CUDA build of fbgemm_gpu (the CPU build imports but has no CUDA kernels).
+        fbgemm_here = fbgemm_nbit_available() and (device.type != "cuda" or fbgemm_cuda_available())
+        if backend == "fbgemm" and not fbgemm_here:
+            raise RuntimeError(f"backend 'fbgemm' requested but fbgemm_gpu does not import here"
+                               f"{' with CUDA kernels' if device.type == 'cuda' else ''}")
         self.tables = list(tables)
         index = {t["name"]: i for i, t in enumerate(self.tables)}
         unknown = [table for _, table in lookups if table not in index]
@@ -76,7 +79,7 @@ class ServingLookup(nn.Module):
         self._key_names = [self.tables[t]["name"] for t in self.key_table]
         self.register_buffer("_key_rows", torch.tensor([self.tables[t]["rows"] for t in self.key_table],
                                                         device=device), persistent=False)
-        use_fbgemm = backend != "torch" and fbgemm_nbit_available()
+        use_fbgemm = backend != "torch" and fbgemm_here
         # fp32 tables take the TBE too (one fused call instead of one embedding_bag per key).
         self.kinds = ["fbgemm" if use_fbgemm and fbgemm_fits(t, s) else "torch" for t, s in zip(tables, stored)]
         self.fbgemm_keys = [k for k, t in enumerate(self.key_table) if self.kinds[t] == "fbgemm"]

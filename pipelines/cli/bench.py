@@ -1,4 +1,4 @@
-"""`embtables bench tradeoff|kernels|throughput`: memory/AUC sweeps, lookup kernels, end-to-end speed."""
+"""`embtables bench tradeoff|kernels|throughput|gpu`: memory/AUC sweeps, lookup kernels, end-to-end speed."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,8 @@ EXTERNAL = {
                 "fused lookup backends: forward, backward, optimizer step, GB/s vs memory-copy bandwidth"),
     "throughput": ("embtables.pipelines.bench.throughput", "add_throughput_args", "run_throughput_bench",
                    "end-to-end training samples/s"),
+    "gpu": ("embtables.pipelines.bench.gpu", "add_gpu_args", "run_gpu_bench",
+            "embedding layer GB/s (forward, train step) vs copy bandwidth per backend, DLRM samples/s, on the device"),
 }
 
 

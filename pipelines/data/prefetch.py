@@ -1,7 +1,7 @@
 """Prefetch batches on a background thread so reading and decoding overlap the train step.
 
 Parquet decoding and numpy work release the GIL, so the next batches are prepared while the
-current step computes.
+current step computes (training also orders and pins them there: pipelines/train/placement.py).
 Errors in the producer are re-raised in the consumer; leaving the loop early stops the thread.
 """
 from __future__ import annotations

@@ -94,7 +94,7 @@ def _run_trainer(cfg, out: Path, inputs, address: str | None) -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         workers = tcfg["workers"]
         total_cpus = ray.cluster_resources().get("CPU", 1.0)
-        use_gpu = ray.cluster_resources().get("GPU", 0.0) >= workers
+        use_gpu = _use_gpu(tcfg["device"], workers, ray.cluster_resources().get("GPU", 0.0))
         allowed_sharding(tcfg["sharding"], torch.device("cuda" if use_gpu else "cpu"))  # fail before starting
         # Fractional CPUs per worker so Ray Data's read tasks always find a free CPU.
         cpus = max(0.1, (total_cpus - max(1.0, DATA_CPU_SHARE * total_cpus)) / workers)
@@ -122,6 +122,19 @@ def _run_trainer(cfg, out: Path, inputs, address: str | None) -> None:
     finally:
         if started:
             ray.shutdown()
+
+
+def _use_gpu(device: str, workers: int, cluster_gpus: float) -> bool:
+    """train.device for Ray workers (one GPU each, NCCL): auto takes GPUs when the cluster has one
+    per worker; an explicit cuda that the cluster cannot give is an error, never a CPU run."""
+    if device == "cpu":
+        return False
+    if device == "auto":
+        return cluster_gpus >= workers
+    if cluster_gpus < workers:
+        raise ConfigError(f"train.device {device}: {workers} workers need {workers} GPUs, the Ray cluster has "
+                          f"{cluster_gpus:g}; use fewer train.workers or train.device: cpu")
+    return True  # Ray assigns each worker its GPU (a cuda:N index does not apply across workers)
 
 
 def _quiet_logs():
@@ -205,6 +218,9 @@ class DistributedRun:
             yield Step(batch if batch is not None else pad, int(count))
 
     # --- step ----------------------------------------------------------------------------
+    def to_device(self, step: Step) -> Step:
+        return step  # forward and loss move this rank's tensors (DMP takes the KJT as it is)
+
     def forward(self, step: Step):
         local = step.local
         return self.dmp(local.dense[:, self.inputs.dense_index].to(self.device), local.sparse.to(self.device))
@@ -330,7 +346,7 @@ def _worker(config: dict) -> None:
     position = dict(restored[0]) if restored else {"epoch": 0, "rows_in_epoch": 0, "step": 0,
                                                    "train_rows_seen": 0, "train_seconds": 0.0, "history": []}
     run = DistributedRun(cfg, out, inputs, model, dmp, optimizer, summary, restored, device)
-    autocast_network(model, tcfg.get("precision", "fp32"))
+    autocast_network(model, tcfg.get("precision", "fp32"), device.type)
     train_loop(run, position, tcfg, progress=False)
 
     rss = [None] * world

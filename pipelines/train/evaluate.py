@@ -14,14 +14,16 @@ def predict_split(model, dataset: Path, split: str, dense_index: list[int], batc
                   shard=(0, 1)) -> tuple[np.ndarray, np.ndarray]:
     """(labels, click probabilities) for every row of the split, in file order."""
     from embtables.pipelines.data.batches import iterate_batches
+    from embtables.pipelines.train.placement import to_device
 
     was_training = model.training
     model.eval()
     labels, probs = [], []
     for batch in iterate_batches(dataset, split, batch_size, shuffle=False, shard=shard):
+        batch = to_device(batch, model.embeddings.input_keys, model.device)
         logits = model(batch.dense[:, dense_index], batch.sparse)
-        labels.append(batch.label.numpy())
-        probs.append(torch.sigmoid(logits.float()).numpy())
+        labels.append(batch.label.cpu().numpy())
+        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
     model.train(was_training)
     if not labels:
         return np.zeros(0, np.float32), np.zeros(0, np.float32)

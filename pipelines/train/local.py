@@ -10,13 +10,15 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from embtables.errors import EmbtablesError
+from embtables.device import resolve_device
+from embtables.errors import ConfigError, EmbtablesError
 from embtables.pipelines.train.checkpoint import (checkpoint_dirs, latest_checkpoint, load_checkpoint,
                                                   load_model_state, restore_rng, save_checkpoint,
                                                   write_json_atomic)
 from embtables.pipelines.train.evaluate import evaluate
 from embtables.pipelines.train.precision import autocast_network, precision_record
 from embtables.pipelines.data.prefetch import Prefetcher
+from embtables.pipelines.train.placement import host_ready, to_device
 from embtables.pipelines.train.build import build_model, resolve_inputs
 from embtables.pipelines.train.run_identity import check_resume, run_record
 from embtables.pipelines.train.run_lock import run_lock
@@ -104,14 +106,16 @@ def train(cfg: dict, out: str | Path, resume: bool = False, progress: bool = Tru
     if cfg["embedding"]["compression"].get("method") == "optembed":  # three stages, one command
         from embtables.pipelines.train.optembed_stages import run_optembed
 
+        training_device(cfg)  # an explicit CUDA request fails here
         return run_optembed(cfg, out, resume=resume, progress=progress)
     check_out_dir(out, resume)
     # Everything that can fail on bad config or data runs before the output dir exists.
+    device = training_device(cfg)
     inputs = resolve_inputs(cfg)
     if resume:
         check_resume(out, cfg, inputs)
     torch.manual_seed(tcfg["seed"])
-    model = build_model(cfg, inputs)
+    model = build_model(cfg, inputs, device=device)
     optimizer = make_model_optimizer(tcfg, model)
     created = prepare_out_dir(out, resume)
     try:
@@ -121,6 +125,22 @@ def train(cfg: dict, out: str | Path, resume: bool = False, progress: bool = Tru
         if created and not checkpoint_dirs(out):
             shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping: leave no half-written run
         raise
+
+
+def training_device(cfg: dict) -> torch.device:
+    """train.device, resolved once for the whole job (tables, dense network, optimizer, batches)."""
+    spec = cfg["train"]["device"]
+    try:
+        device = resolve_device(spec)
+    except ConfigError as e:
+        raise ConfigError(f"train.device: {e}") from None
+    if cfg["embedding"]["compression"].get("method") == "optembed" and device.type != "cpu":
+        # Its search stage scores candidate masks on host copies of held-out embeddings (numpy).
+        if spec != "auto":
+            raise ConfigError(f"train.device {spec}: embedding.compression.method optembed runs on CPU only "
+                              f"(its evolutionary search works on host arrays); use train.device: cpu")
+        device = torch.device("cpu")
+    return device
 
 
 def fit(cfg, out, inputs, model, resume: bool = False, progress: bool = True, batch_filter=None) -> dict:
@@ -151,7 +171,8 @@ def _train(cfg, out, inputs, model, optimizer, resume, progress, batch_filter=No
     print(f"embedding: {emb.embedding_bytes():,} bytes (full {emb.full_embedding_bytes():,}, "
           f"{emb.full_embedding_bytes() / emb.embedding_bytes():.1f}x) in {len(emb.tables)} tables, "
           f"backends {sorted(set(emb.lookup.backends))}")
-    autocast_network(model, tcfg.get("precision", "fp32"))  # bf16: dense network only, loss stays fp32
+    # bf16: dense network only, loss stays fp32; autocast by the model's device type
+    autocast_network(model, tcfg.get("precision", "fp32"), model.device.type)
     with reading_dataset(inputs.dataset):  # no ingest replaces it while this run reads it
         train_loop(LocalRun(cfg, out, inputs, model, optimizer), position, tcfg, progress, batch_filter)
     metrics = run_metrics(cfg, inputs, model, position)
@@ -167,6 +188,7 @@ class LocalRun:
 
     def __init__(self, cfg, out, inputs, model, optimizer):
         self.cfg, self.out, self.inputs, self.model, self.optimizer = cfg, out, inputs, model, optimizer
+        self.device = model.device
         self.train_rows = inputs.stats["splits"]["train"]["rows"]
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
         self.fingerprint = dataset_fingerprint(inputs.dataset)
@@ -178,9 +200,13 @@ class LocalRun:
         tcfg = self.cfg["train"]
         batches = iterate_batches(self.inputs.dataset, "train", tcfg["batch_size"], shuffle=True, seed=tcfg["seed"],
                                   epoch=epoch, start_row=position["rows_in_epoch"])
-        if tcfg.get("prefetch", 0):  # read + decode the next batches while this step computes
-            batches = Prefetcher(batches, depth=tcfg["prefetch"])
+        if tcfg.get("prefetch", 0):  # read, decode, order keys and pin the next batches while this step computes
+            keys, pin = self.model.embeddings.input_keys, self.device.type == "cuda"
+            batches = Prefetcher(batches, depth=tcfg["prefetch"], transform=lambda b: host_ready(b, keys, pin))
         return batches
+
+    def to_device(self, batch):
+        return to_device(batch, self.model.embeddings.input_keys, self.device)
 
     def forward(self, batch):
         return self.model(batch.dense[:, self.inputs.dense_index], batch.sparse)
@@ -243,6 +269,7 @@ def train_loop(run, position: dict, tcfg: dict, progress: bool, batch_filter=Non
                 position["rows_in_epoch"] += rows_read
                 bar.update(rows_read)
                 continue
+            batch = run.to_device(batch)  # once per step, after the filter
             loss = with_regularization(model, run.loss(run.forward(batch), batch))
             if not run.finite(loss):  # before any update or checkpoint: the last one stays good
                 raise EmbtablesError(f"loss is {loss.item()} at step {position['step'] + 1} (epoch {epoch + 1}); "
@@ -307,7 +334,8 @@ def run_metrics(cfg, inputs, model, position) -> dict:
         "model": cfg["model"]["name"], "backends": sorted(set(emb.lookup.backends)),
         "embedding": emb.describe(), "dataset": str(inputs.dataset),
         "train_rows": inputs.stats["splits"]["train"]["rows"],
-        "precision": precision_record(cfg["train"].get("precision", "fp32")),  # the choice and its probe
+        "precision": precision_record(cfg["train"].get("precision", "fp32"), model.device.type),  # choice + probe
+        "device": str(model.device),
     }
     if "planted" in inputs.stats:
         metrics["planted"] = inputs.stats["planted"]

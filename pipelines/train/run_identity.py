@@ -16,7 +16,7 @@ from embtables.pipelines.data.identity import dataset_fingerprint  # content of 
 # dataset lies (its fingerprint is compared instead), and OptEmbed's stage selection.
 SAFE_KEYS = frozenset({
     "train.epochs", "train.max_steps", "train.checkpoint_every_steps", "train.max_failures",
-    "train.eval_batch_size", "train.log_every", "train.threads", "train.prefetch", "train.precision",
+    "train.eval_batch_size", "train.log_every", "train.threads", "train.prefetch", "train.precision", "train.device",
     "embedding.backend", "data.train", "data.valid",
     "embedding.compression.stage", "embedding.compression.plan", "embedding.compression.supernet_epochs",
 })
