@@ -27,7 +27,10 @@ PYP="$PY -P"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
   $PYP -c "import torch, embtables, embtables.kernels as k; from embtables.kernels.fbgemm_lookup import fbgemm_cuda_available as f
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())
-print('embtables from', embtables.__file__, '| fbgemm CUDA kernels:', f())"
+print('embtables from', embtables.__file__, '| fbgemm CUDA kernels:', f())
+import importlib.util as u
+print('missing modules:', [m for m in ('numpy', 'pyarrow', 'pandas', 'yaml', 'tqdm', 'safetensors', 'torchrec',
+      'fbgemm_gpu', 'triton', 'pytest', 'matplotlib', 'ray') if u.find_spec(m) is None] or 'none')"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
