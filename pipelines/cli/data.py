@@ -64,7 +64,7 @@ def _run_parquet(args):
 
     _summary(prepare_parquet(args.train, args.valid, label=args.label, dense=args.dense, sparse=args.sparse,
                              out=args.out, min_count=args.min_count, valid_fraction=args.valid_fraction,
-                             seed=args.seed))
+                             seed=args.seed, workers=args.workers, address=args.address))
 
 
 def _common(p: argparse.ArgumentParser, split: bool = True) -> None:
@@ -119,5 +119,11 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dense", type=_csv_list, default=[])
     p.add_argument("--sparse", type=_csv_list, required=True)
     _common(p)
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads sharing the stats and encode passes (default: every core; with "
+                        "--address: Ray tasks in flight, default the cluster's CPUs)")
+    p.add_argument("--address", default=None,
+                   help="spread both passes over a Ray cluster (auto | ray://HOST:10001 | local); the input "
+                        "paths must be readable on every node")
     p.set_defaults(func=_run_parquet)
     return data

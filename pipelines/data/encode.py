@@ -2,15 +2,20 @@
 
 Pass 1 streams the training rows once and counts every sparse value (per-batch
 `value_counts`, merged incrementally), giving each feature a vocabulary in descending
-frequency order. Pass 2 streams all rows again and maps raw values to ids with `index_in`.
-Only one batch and the vocabularies are ever in memory. Rows are validated as they stream.
+frequency order. Pass 2 streams all rows again and maps raw values to ids (VocabIndex).
+Both passes go row group by row group over every core, or over a Ray cluster (ingest_plan);
+only the pieces in flight and the vocabularies are ever in memory. Rows are validated as
+they stream.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -21,13 +26,14 @@ from embtables.rows import flatten
 from embtables.specs import FeatureSpec
 from embtables.atomic import write_json_atomic
 from embtables.pipelines.data.identity import check_no_readers, content_fingerprint, vocabulary_digest
+from embtables.pipelines.data.ingest_plan import Piece, Runner, plan_pieces
 from embtables.pipelines.data.parquet_io import (ENCODED_FORMAT, FILE_ROWS, ROW_GROUP_ROWS, PartWriter,
                                                  dataset_dir, expand_paths, is_encoded_dataset, iter_batches,
                                                  open_parquet)
 
 VERSION = 1
 STATS_BATCH_ROWS = 65536
-ENCODE_BATCH_ROWS = 4 * 65536  # index_in rebuilds its hash set per call: fewer, bigger calls
+ENCODE_BATCH_ROWS = 4 * 65536
 COMPACT_MIN_ROWS = 1 << 20
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 BEYOND_FLOAT32 = f"beyond float32 (|x| <= {FLOAT32_MAX:.4g}), the type dense values are stored as"
@@ -158,12 +164,14 @@ class ValueCounter:
         self._pending = 0
 
     def add(self, values: pa.Array) -> None:
-        values = pc.drop_null(values)
-        if len(values) == 0:
+        self.add_counts(count_values(values))
+
+    def add_counts(self, counts: pa.Table | None) -> None:
+        """Fold in a (value, count) table from `count_values` (None: nothing counted)."""
+        if counts is None:
             return
-        vc = pc.value_counts(values)
-        self._parts.append(pa.table({"value": vc.field("values"), "count": vc.field("counts")}))
-        self._pending += len(vc)
+        self._parts.append(counts)
+        self._pending += counts.num_rows
         merged = 0 if self._merged is None else self._merged.num_rows
         if self._pending > max(COMPACT_MIN_ROWS, merged):
             self._compact()
@@ -186,19 +194,50 @@ class ValueCounter:
             pa.schema([("value", vtype), ("count", pa.int64())]))
 
 
+def count_values(values: pa.Array) -> pa.Table | None:
+    """(value, count) of the non-null values, or None when there are none."""
+    values = pc.drop_null(values)
+    if len(values) == 0:
+        return None
+    vc = pc.value_counts(values)
+    return pa.table({"value": vc.field("values"), "count": vc.field("counts")})
+
+
 # ---------------------------------------------------------------- encoding
 
-def encode_sparse(col: pa.Array, vocab_values: pa.Array) -> tuple[pa.Array, int, np.ndarray | None]:
-    """Raw values → ids (OOV = len(vocab)); returns (ids, number of OOV ids, lengths or None)."""
+class VocabIndex:
+    """Raw value → id of one feature (OOV = len(vocab)).
+
+    Integer ids use a pandas hash index built once: pc.index_in rebuilds its hash set on every
+    call, which costs more than the lookups when the vocabulary is large. Strings keep index_in.
+    """
+
+    def __init__(self, values: pa.Array):
+        self.values, self.size = values, len(values)
+        self._index = pd.Index(values.to_numpy()) if pa.types.is_integer(values.type) else None
+        if self._index is not None:
+            self._index.get_indexer(np.zeros(1, np.int64))  # build the table now, before threads share it
+
+    def ids(self, values: pa.Array) -> pa.Array:
+        if self._index is None:
+            return pc.fill_null(pc.index_in(values, value_set=self.values), self.size).cast(pa.int64())
+        raw = pc.fill_null(values, 0).to_numpy() if values.null_count else values.to_numpy()
+        ids = self._index.get_indexer(raw)
+        ids[ids < 0] = self.size
+        if values.null_count:
+            ids[values.is_null().to_numpy(zero_copy_only=False)] = self.size
+        return pa.array(ids, pa.int64())
+
+
+def encode_sparse(col: pa.Array, index: VocabIndex) -> pa.Array:
+    """Raw values → ids; a list column stays a list column (a null list becomes empty)."""
     values, lengths = flatten(col)
-    ids = pc.index_in(values, value_set=vocab_values)
-    oov = ids.null_count
-    ids = pc.fill_null(ids, len(vocab_values)).cast(pa.int64())
+    ids = index.ids(values)
     if lengths is None:
-        return ids, oov, None
+        return ids
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), ids), oov, lengths
+    return pa.ListArray.from_arrays(pa.array(offsets), ids)
 
 
 def encode_dense(col: pa.Array) -> pa.Array:
@@ -214,20 +253,62 @@ def encoded_schema(label: str, dense: list[str], sparse: list[str], kinds: dict)
     return pa.schema(fields)
 
 
-# ---------------------------------------------------------------- the two passes
+# ---------------------------------------------------------------- the two passes, piece by piece
 
-def _stream(files: list[Path], columns: list[str], batch_rows: int, label, dense, sparse, kinds):
-    """(path, row-in-file, row-in-stream, batch) over all files, each batch validated."""
-    stream_row = 0
-    for path in files:
-        pf = open_parquet(path, columns)
-        _check_schema(path, pf.schema_arrow, label, dense, sparse, kinds)
-        row = 0
-        for batch in iter_batches(pf, path, columns, batch_rows):
-            validate_batch(batch, path, row, label, dense, sparse)
-            yield path, batch, stream_row
-            row += batch.num_rows
-            stream_row += batch.num_rows
+@dataclass
+class _Pass:
+    """What a worker needs for a piece (picklable: Ray ships it once per pass)."""
+    label: str
+    dense: list[str]
+    sparse: list[str]
+    columns: list[str]
+    to: str | None         # the split every row goes to; None: a seeded hash of the row picks
+    valid_fraction: float
+    seed: int
+    validate: bool = True  # rows not yet checked (the encode pass re-reads checked train rows)
+    schema: pa.Schema | None = None          # encode pass only
+    indexes: dict[str, VocabIndex] | None = None
+
+
+def _piece_batches(ctx: _Pass, piece: Piece, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, np.ndarray | None]]:
+    """(batch, valid-row mask or None) over one row group, each batch validated."""
+    pf = open_parquet(piece.path, ctx.columns)
+    row = 0
+    for batch in iter_batches(pf, piece.path, ctx.columns, batch_rows, row_groups=[piece.row_group]):
+        if ctx.validate:
+            validate_batch(batch, piece.path, piece.file_row + row, ctx.label, ctx.dense, ctx.sparse)
+        mask = valid_mask(piece.stream_row + row, batch.num_rows, ctx.valid_fraction, ctx.seed) \
+            if ctx.to is None else None
+        yield batch, mask
+        row += batch.num_rows
+
+
+def _count_piece(ctx: _Pass, piece: Piece) -> dict[str, list[pa.Table]]:
+    """Pass 1 on one piece: value counts of every sparse column over its training rows."""
+    counts: dict[str, list[pa.Table]] = {name: [] for name in ctx.sparse}
+    for batch, mask in _piece_batches(ctx, piece, STATS_BATCH_ROWS):
+        keep = None if mask is None else pa.array(~mask)
+        for name in ctx.sparse:
+            col = batch.column(name) if keep is None else batch.column(name).filter(keep)
+            c = count_values(flatten(col)[0])
+            if c is not None:
+                counts[name].append(c)
+    return counts
+
+
+def _encode_piece(ctx: _Pass, piece: Piece) -> list[tuple[str, pa.Table]]:
+    """Pass 2 on one piece: (split, encoded rows) in stream order."""
+    out = []
+    for batch, mask in _piece_batches(ctx, piece, ENCODE_BATCH_ROWS):
+        cols = {ctx.label: batch.column(ctx.label).cast(pa.float32())}
+        cols.update({d: encode_dense(batch.column(d)) for d in ctx.dense})
+        cols.update({s: encode_sparse(batch.column(s), ctx.indexes[s]) for s in ctx.sparse})
+        table = pa.table(cols, schema=ctx.schema)
+        if mask is None:
+            out.append((ctx.to, table))
+        else:
+            out += [("train", table.filter(pa.array(~mask))), ("valid", table.filter(pa.array(mask)))]
+    return out
 
 
 def _check_names(label, dense, sparse) -> None:
@@ -245,7 +326,8 @@ def _check_names(label, dense, sparse) -> None:
 def prepare_parquet(train_paths, valid_paths, *, label: str, dense, sparse, out, min_count: int = 1,
                     source: str = "parquet", extra_stats: dict | None = None,
                     valid_fraction: float = 0.1, seed: int = 0, keep_existing: bool = False,
-                    row_group: int = ROW_GROUP_ROWS, origin=None) -> Path:
+                    row_group: int = ROW_GROUP_ROWS, origin=None, workers: int | None = None,
+                    address: str | None = None) -> Path:
     """Encode Parquet click logs into the dataset at `out` (built beside it, renamed in at the end).
 
     `valid_paths=None` splits the training rows instead: a seeded hash of the row index sends
@@ -253,11 +335,15 @@ def prepare_parquet(train_paths, valid_paths, *, label: str, dense, sparse, out,
     `row_group` sets the encoded row-group size (files hold 16 row groups).
     With `keep_existing` an existing dataset at `out` is kept (caches; see dataset_dir).
     `origin` names the input in errors about whole splits (ingest: the raw file, not its scratch copy).
+    `workers` threads share both passes (default: every core); with a Ray `address` they run as
+    Ray tasks over the cluster. The output is the same byte for byte whatever runs them.
     """
     dense, sparse = list(dense), list(sparse)
     _check_names(label, dense, sparse)
     if min_count < 1:
         raise ConfigError(f"min_count must be >= 1, got {min_count}")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
     split = valid_paths is None
     check_target(out, valid_fraction if split else None)
     train_files = expand_paths(train_paths)
@@ -265,99 +351,98 @@ def prepare_parquet(train_paths, valid_paths, *, label: str, dense, sparse, out,
     columns = [label] + dense + sparse
     kinds: dict[str, tuple[str, bool]] = {}
 
-    def train_part(batch, stream_row):
-        if not split:
-            return batch
-        return batch.filter(pa.array(~valid_mask(stream_row, batch.num_rows, valid_fraction, seed)))
+    def opened(path):
+        pf = open_parquet(path, columns)
+        _check_schema(path, pf.schema_arrow, label, dense, sparse, kinds)
+        return pf
 
-    # Pass 1: vocabularies from the training rows.
-    counters = {name: ValueCounter() for name in sparse}
-    for _, batch, stream_row in _stream(train_files, columns, STATS_BATCH_ROWS, label, dense, sparse, kinds):
-        batch = train_part(batch, stream_row)
-        for name in sparse:
-            counters[name].add(flatten(batch.column(name))[0])
-    vocabs = {name: counters.pop(name).vocab(min_count, kinds[name][0]) for name in sparse}
+    # Every file is opened and type-checked before any row is read.
+    train_pieces = plan_pieces(train_files, opened)
+    valid_pieces = plan_pieces(valid_files, opened)
+    train = _Pass(label, dense, sparse, columns, None if split else "train", valid_fraction, seed)
+    with Runner(workers, address) as runner:
+        # Pass 1: vocabularies from the training rows, counted per piece, merged here.
+        counters = {name: ValueCounter() for name in sparse}
+        for counts in runner.map(_count_piece, train, train_pieces):
+            for name, tables in counts.items():
+                for t in tables:
+                    counters[name].add_counts(t)
+        vocabs = dict(zip(sparse, runner.map(_finish_vocab, (min_count, kinds),
+                                             ((n, counters.pop(n)) for n in sparse), local=True)))
 
-    # Pass 2: encode every row into the temp dir; rename into place only when all is written.
-    schema = encoded_schema(label, dense, sparse, kinds)
-    with dataset_dir(out, keep_existing=keep_existing) as tmp:
-        (tmp / "vocab").mkdir()
-        for name, vocab in vocabs.items():
-            pq.write_table(vocab, tmp / "vocab" / f"{name}.parquet")
-        file_rows = FILE_ROWS // ROW_GROUP_ROWS * row_group
-        writers = {s: PartWriter(tmp / s, schema, row_group=row_group, file_rows=file_rows)
-                   for s in ("train", "valid")}
-        tally = {s: _Tally(sparse) for s in ("train", "valid")}
-        values = {name: vocabs[name]["value"].combine_chunks() for name in sparse}
+        # Pass 2: encode every row into the temp dir; rename into place only when all is written.
+        schema = encoded_schema(label, dense, sparse, kinds)
+        indexes = {name: VocabIndex(vocabs[name]["value"].combine_chunks()) for name in sparse}
+        with dataset_dir(out, keep_existing=keep_existing) as tmp:
+            (tmp / "vocab").mkdir()
+            for name, vocab in vocabs.items():
+                pq.write_table(vocab, tmp / "vocab" / f"{name}.parquet")
+            file_rows = FILE_ROWS // ROW_GROUP_ROWS * row_group
+            writers = {s: PartWriter(tmp / s, schema, row_group=row_group, file_rows=file_rows)
+                       for s in ("train", "valid")}
+            tally = {s: _Tally(sparse) for s in ("train", "valid")}
+            oov_ids = {name: indexes[name].size for name in sparse}
+            passes = [(replace(train, validate=False, schema=schema, indexes=indexes), train_pieces),
+                      (replace(train, to="valid", schema=schema, indexes=indexes), valid_pieces)]
+            for ctx, pieces in passes:
+                for parts in runner.map(_encode_piece, ctx, pieces):
+                    for split_name, table in parts:
+                        if table.num_rows:
+                            tally[split_name].add(table, label, oov_ids)
+                            writers[split_name].write(table)
+            files = {s: w.close() for s, w in writers.items()}
+            for s in ("train", "valid"):
+                tally[s].check_labels(s, origin or (train_files[0] if s == "train" or split else valid_files[0]))
 
-        def encode(batch, split_name):
-            if batch.num_rows == 0:
-                return
-            cols = {label: batch.column(label).cast(pa.float32())}
-            tally[split_name].add_labels(cols[label])
-            cols.update({d: encode_dense(batch.column(d)) for d in dense})
+            features = {}
             for name in sparse:
-                cols[name], oov, lengths = encode_sparse(batch.column(name), values[name])
-                tally[split_name].add(name, oov, lengths, batch.num_rows)
-            writers[split_name].write(pa.table(cols, schema=schema))
-
-        for _, batch, stream_row in _stream(train_files, columns, ENCODE_BATCH_ROWS, label, dense, sparse, kinds):
-            if split:
-                mask = valid_mask(stream_row, batch.num_rows, valid_fraction, seed)
-                encode(batch.filter(pa.array(~mask)), "train")
-                encode(batch.filter(pa.array(mask)), "valid")
-            else:
-                encode(batch, "train")
-        for _, batch, _ in _stream(valid_files, columns, ENCODE_BATCH_ROWS, label, dense, sparse, kinds):
-            encode(batch, "valid")
-        files = {s: w.close() for s, w in writers.items()}
-        for s in ("train", "valid"):
-            tally[s].check_labels(s, origin or (train_files[0] if s == "train" or split else valid_files[0]))
-
-        features = {}
-        for name in sparse:
-            v = len(vocabs[name])
-            mean_len, max_len = tally["train"].lengths(name, kinds[name][1])
-            features[name] = {
-                "vocab_size": v, "rows": v + 1, "oov_id": v, "multi_hot": kinds[name][1],
-                "mean_length": mean_len, "max_length": max_len, "min_count": min_count,
-                "value_type": kinds[name][0],
-                "oov_count_train": tally["train"].oov[name], "oov_count_valid": tally["valid"].oov[name],
-                "vocab_sha256": vocabulary_digest(vocabs[name]["value"]),
+                v = len(vocabs[name])
+                mean_len, max_len = tally["train"].lengths(name, kinds[name][1])
+                features[name] = {
+                    "vocab_size": v, "rows": v + 1, "oov_id": v, "multi_hot": kinds[name][1],
+                    "mean_length": mean_len, "max_length": max_len, "min_count": min_count,
+                    "value_type": kinds[name][0],
+                    "oov_count_train": tally["train"].oov[name], "oov_count_valid": tally["valid"].oov[name],
+                    "vocab_sha256": vocabulary_digest(vocabs[name]["value"]),
+                }
+            stats = {
+                "format": ENCODED_FORMAT, "version": VERSION, "source": source,
+                "label": label, "dense": dense, "sparse": sparse,
+                "splits": {s: {"rows": writers[s].rows, "files": [f"{s}/{p.name}" for p in files[s]]}
+                           for s in ("train", "valid")},
+                "features": features,
             }
-        stats = {
-            "format": ENCODED_FORMAT, "version": VERSION, "source": source,
-            "label": label, "dense": dense, "sparse": sparse,
-            "splits": {s: {"rows": writers[s].rows, "files": [f"{s}/{p.name}" for p in files[s]]}
-                       for s in ("train", "valid")},
-            "features": features,
-        }
-        stats.update(extra_stats or {})
-        stats["fingerprint"] = content_fingerprint(tmp, stats)
-        write_json_atomic(tmp / "stats.json", stats)
+            stats.update(extra_stats or {})
+            stats["fingerprint"] = content_fingerprint(tmp, stats)
+            write_json_atomic(tmp / "stats.json", stats)
     return Path(out)
 
 
+def _finish_vocab(opts: tuple[int, dict], item: tuple[str, ValueCounter]) -> pa.Table:
+    (min_count, kinds), (name, counter) = opts, item
+    return counter.vocab(min_count, kinds[name][0])
+
+
 class _Tally:
-    """Per-split OOV counts and multi-hot lengths, accumulated batch by batch."""
+    """Per-split rows, positives, OOV counts and multi-hot lengths, from the encoded tables."""
 
     def __init__(self, sparse: list[str]):
         self.positives = self.rows = 0
         self.oov = {n: 0 for n in sparse}
-        self._rows = {n: 0 for n in sparse}
         self._total = {n: 0 for n in sparse}
         self._max = {n: 0 for n in sparse}
 
-    def add(self, name: str, oov: int, lengths: np.ndarray | None, rows: int) -> None:
-        self.oov[name] += oov
-        self._rows[name] += rows
-        if lengths is not None and len(lengths):
-            self._total[name] += int(lengths.sum())
-            self._max[name] = max(self._max[name], int(lengths.max()))
-
-    def add_labels(self, label: pa.Array) -> None:
-        self.rows += len(label)
-        self.positives += int(pc.sum(label).as_py() or 0)
+    def add(self, table: pa.Table, label: str, oov_ids: dict[str, int]) -> None:
+        self.rows += table.num_rows
+        self.positives += int(pc.sum(table.column(label)).as_py() or 0)
+        for name, oov_id in oov_ids.items():
+            col = table.column(name)
+            if pa.types.is_list(col.type):
+                lengths = pc.list_value_length(col)
+                self._total[name] += int(pc.sum(lengths).as_py() or 0)
+                self._max[name] = max(self._max[name], int(pc.max(lengths).as_py() or 0))
+                col = pc.list_flatten(col)
+            self.oov[name] += int(pc.sum(pc.equal(col, oov_id)).as_py() or 0)
 
     def check_labels(self, split: str, source: Path) -> None:
         """Both classes in the split, or training (train) / AUC (valid) is undefined."""
@@ -372,7 +457,7 @@ class _Tally:
     def lengths(self, name: str, multi_hot: bool) -> tuple[float, int]:
         if not multi_hot:
             return 1.0, 1
-        return (self._total[name] / self._rows[name] if self._rows[name] else 0.0), self._max[name]
+        return (self._total[name] / self.rows if self.rows else 0.0), self._max[name]
 
 
 # ---------------------------------------------------------------- reading an encoded dataset

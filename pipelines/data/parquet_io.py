@@ -125,9 +125,11 @@ def read_row_group(pf: pq.ParquetFile, path: Path, index: int, columns: list[str
         raise DataError(f"{path}: row group {index} is unreadable (truncated or corrupt?): {e}") from None
 
 
-def iter_batches(pf: pq.ParquetFile, path: Path, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Stream record batches of one file, mapping read failures to a DataError naming it."""
-    it = pf.iter_batches(batch_size=batch_rows, columns=columns)
+def iter_batches(pf: pq.ParquetFile, path: Path, columns: list[str], batch_rows: int,
+                 row_groups: list[int] | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream record batches of one file (or of some of its row groups), mapping read failures
+    to a DataError naming it."""
+    it = pf.iter_batches(batch_size=batch_rows, columns=columns, row_groups=row_groups)
     while True:
         try:
             batch = next(it)
@@ -172,7 +174,9 @@ class PartWriter:
     def _flush(self, n: int) -> None:
         # Cut exactly n rows off the buffer so every row group but the last is full-sized.
         table = pa.concat_tables(self._pending)
-        head, rest = table.slice(0, n), table.slice(n)
+        # One chunk per column: the bytes written then depend on the rows alone, not on how
+        # the writes were cut (so any number of ingest workers writes the same files).
+        head, rest = table.slice(0, n).combine_chunks(), table.slice(n)
         self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
         if self._writer is None or self._file_rows + n > self.file_rows:
             if self._writer is not None:

@@ -1,0 +1,140 @@
+"""The ingest passes spread over threads (or Ray tasks) write the same bytes as one worker."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embtables.errors import DataError
+from embtables.pipelines.data.encode import VocabIndex, prepare_parquet
+from embtables.pipelines.data.ingest_plan import Runner, plan_pieces
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def raw_files(tmp_path: Path, n_files: int = 3, rows: int = 700) -> Path:
+    """Several files, small row groups, frequency ties, multi-hot lists, strings, ints, nulls."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(7)
+    for f in range(n_files):
+        n = rows + 37 * f  # files and row groups of uneven sizes
+        ints = [None if k % 11 == 0 else int(v) for k, v in enumerate(rng.integers(0, 40, n))]
+        strs = [None if k % 13 == 0 else f"s{v}" for k, v in enumerate(rng.integers(0, 60, n))]
+        lists = [None if k % 17 == 0 else [int(x) if x % 9 else None for x in rng.integers(0, 30, k % 4)]
+                 for k in range(n)]
+        tie = [k % 5 for k in range(n)]  # five values, equal counts per file: ties broken by value
+        dense = rng.normal(size=n)
+        pq.write_table(pa.table({
+            "y": rng.integers(0, 2, n), "x": pa.array(dense, mask=rng.random(n) < 0.1),
+            "i": pa.array(ints, pa.int64()), "s": pa.array(strs, pa.string()),
+            "m": pa.array(lists, pa.list_(pa.int64())), "t": tie}),
+            raw / f"part-{f}.parquet", row_group_size=97 + 50 * f)
+    return raw
+
+
+def encode(raw, out, **kw):
+    return prepare_parquet(raw, None, label="y", dense=["x"], sparse=["i", "s", "m", "t"], out=out,
+                           row_group=128, **kw)
+
+
+def test_threads_write_the_same_bytes_as_one_worker(tmp_path):
+    raw = raw_files(tmp_path)
+    serial = files_of(encode(raw, tmp_path / "serial", workers=1))
+    for workers in (2, 5):
+        assert files_of(encode(raw, tmp_path / f"w{workers}", workers=workers)) == serial
+    # ...and the output is a real encoding: ties by value, nulls to OOV, lists kept.
+    for name in ("i", "s", "m", "t"):
+        v = pq.read_table(tmp_path / "serial" / "vocab" / f"{name}.parquet").to_pydict()
+        keys = [(-c, x) for x, c in zip(v["value"], v["count"])]
+        assert keys == sorted(keys)  # most frequent first, ties by value
+    i = pq.read_table(tmp_path / "serial" / "vocab" / "i.parquet").to_pydict()["count"]
+    assert len(set(i)) < len(i)  # the input does hold ties
+    assert len(serial) > 6  # vocab files, several train/valid parts, stats.json
+
+
+def test_threads_with_a_separate_valid_set(tmp_path):
+    raw = raw_files(tmp_path, n_files=2)
+    valid = tmp_path / "raw" / "part-1.parquet"
+    train = tmp_path / "raw" / "part-0.parquet"
+    kw = dict(label="y", dense=["x"], sparse=["i", "s", "m"], row_group=64)
+    one = prepare_parquet(train, valid, out=tmp_path / "one", workers=1, **kw)
+    many = prepare_parquet(train, valid, out=tmp_path / "many", workers=3, **kw)
+    assert files_of(one) == files_of(many)
+
+
+def test_first_bad_row_in_stream_order_is_reported(tmp_path):
+    raw = raw_files(tmp_path)
+    bad = pq.read_table(raw / "part-2.parquet").to_pydict()
+    bad["y"][500] = 3  # in a late row group of the last file
+    pq.write_table(pa.table(bad, schema=pq.read_schema(raw / "part-2.parquet")), raw / "part-2.parquet",
+                   row_group_size=50)
+    early = pq.read_table(raw / "part-1.parquet").to_pydict()
+    early["y"][200] = 7
+    pq.write_table(pa.table(early, schema=pq.read_schema(raw / "part-1.parquet")), raw / "part-1.parquet",
+                   row_group_size=50)
+    for workers in (1, 4):
+        with pytest.raises(DataError, match=r"part-1\.parquet: row 200: label 7"):
+            encode(raw, tmp_path / f"out{workers}", workers=workers)
+        assert not (tmp_path / f"out{workers}").exists()
+
+
+def test_pieces_cover_every_row_in_stream_order(tmp_path):
+    raw = raw_files(tmp_path)
+    files = sorted(raw.glob("*.parquet"))
+    pieces = plan_pieces(files, pq.ParquetFile)
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    assert sum(p.rows for p in pieces) == total
+    assert [p.stream_row for p in pieces] == list(np.cumsum([0] + [p.rows for p in pieces])[:-1])
+    assert all(p.file_row == 0 for p in pieces if p.row_group == 0)
+
+
+def test_runner_keeps_order_and_bounds_work_in_flight():
+    started = []
+
+    def work(ctx, item):
+        started.append(item)
+        return ctx * item
+
+    with Runner(workers=3) as r:
+        it = r.map(work, 10, range(100))
+        assert [next(it) for _ in range(5)] == [0, 10, 20, 30, 40]
+        assert len(started) <= 5 + 2 * 3  # no more than the window ahead of the consumer
+        assert list(it) == [10 * k for k in range(5, 100)]
+
+
+def test_vocab_index_maps_ints_and_strings_with_oov_last():
+    ints = VocabIndex(pa.array([30, 10, 20], pa.int64()))
+    assert ints.ids(pa.array([10, None, 99, 30], pa.int64())).to_pylist() == [1, 3, 3, 0]
+    strs = VocabIndex(pa.array(["b", "a"]))
+    assert strs.ids(pa.array(["a", None, "zz"])).to_pylist() == [1, 2, 2]
+    empty = VocabIndex(pa.array([], pa.int64()))
+    assert empty.ids(pa.array([5, None], pa.int64())).to_pylist() == [0, 0]
+
+
+def test_cli_workers_flag_and_bad_value(tmp_path):
+    raw = raw_files(tmp_path, n_files=1)
+
+    def cli(out, workers):
+        return subprocess.run([sys.executable, "-c", "from embtables.pipelines.cli.main import main; "
+                               "raise SystemExit(main())", "data", "parquet", str(raw), str(tmp_path / out),
+                               "--label", "y", "--sparse", "i,s,m", "--dense", "x", "--workers", workers],
+                              capture_output=True, text=True)
+
+    ok = cli("o", "2")
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "o" / "stats.json").is_file()
+    bad = cli("p", "0")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "workers" in bad.stderr
+
+
+@pytest.mark.slow  # starts a local Ray cluster
+def test_ray_tasks_write_the_same_bytes(tmp_path):
+    raw = raw_files(tmp_path)
+    serial = files_of(encode(raw, tmp_path / "serial", workers=1))
+    assert files_of(encode(raw, tmp_path / "ray", address="local", workers=2)) == serial
