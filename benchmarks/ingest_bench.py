@@ -1,7 +1,7 @@
 """Ingest benchmark (issue 15): raw Parquet like Criteo's, then `embtables data parquet` timed.
 
     python benchmarks/ingest_bench.py gen DIR [--rows 4000000 --files 8]
-    python benchmarks/ingest_bench.py run DIR OUT --workers 1,2 [--repeats 3]
+    python benchmarks/ingest_bench.py run DIR OUT --workers before,1,2 --before OLD/.venv/bin/python [--repeats 3]
 
 `gen` writes DIR/part-*.parquet: label `y`, 13 dense columns (I1..I13, float64 with ~10% nulls) and
 26 sparse int64 columns (C1..C26, ~5% nulls) whose power-law ids total ~3.8M distinct values at 4M
@@ -63,15 +63,20 @@ def cpu_info() -> str:
     return f"{model}, {os.cpu_count()} cores, flags: {' '.join(wanted)}"
 
 
-def run_once(raw: Path, out: Path, workers: int, extra: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one `embtables data parquet` child."""
+CLI = "import sys; from embtables.pipelines.cli.main import main; sys.exit(main())"  # = `embtables`
+
+
+def run_once(raw: Path, out: Path, workers: str, extra: list[str], before: str | None) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of one `embtables data parquet` child ("before": the other CLI)."""
     sparse = ",".join(f"C{j + 1}" for j in range(len(CARDINALITIES)))
     dense = ",".join(f"I{j + 1}" for j in range(13))
-    cmd = ["/usr/bin/time", "-v", str(Path(sys.executable).parent / "embtables"), "data", "parquet", str(raw), str(out),
-           "--label", "y", "--sparse", sparse, "--dense", dense, "--workers", str(workers), *extra]
+    exe = before if workers == "before" else sys.executable
+    flags = [] if workers == "before" else ["--workers", workers]
+    cmd = ["/usr/bin/time", "-v", exe, "-c", CLI, "data", "parquet", str(raw), str(out),
+           "--label", "y", "--sparse", sparse, "--dense", dense, *flags, *extra]
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd="/")  # import the installed package, not ./
     seconds = time.perf_counter() - t0
     if p.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
@@ -79,14 +84,14 @@ def run_once(raw: Path, out: Path, workers: int, extra: list[str]) -> tuple[floa
     return seconds, rss_kb / 1024
 
 
-def run(raw: Path, out: Path, workers: list[int], repeats: int, extra: list[str]) -> None:
+def run(raw: Path, out: Path, workers: list[str], repeats: int, extra: list[str], before: str | None) -> None:
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(raw.glob("*.parquet")))
     print(cpu_info())
     print(f"load before: {os.getloadavg()}")
-    got: dict[int, list[tuple[float, float]]] = {w: [] for w in workers}
+    got: dict[str, list[tuple[float, float]]] = {w: [] for w in workers}
     for r in range(repeats):
         for w in workers:
-            s, mb = run_once(raw, out, w, extra)
+            s, mb = run_once(raw, out, w, extra, before)
             got[w].append((s, mb))
             print(f"  repeat {r + 1} workers {w}: {s:.1f} s, {rows / s:,.0f} rows/s, peak RSS {mb:,.0f} MB "
                   f"(load {os.getloadavg()[0]:.2f})", flush=True)
@@ -117,14 +122,15 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("raw", type=Path)
     r.add_argument("out", type=Path)
-    r.add_argument("--workers", default="1,2")
+    r.add_argument("--workers", default="1,2", help="worker counts to compare; 'before' runs --before")
+    r.add_argument("--before", default=None, help="the python of an older checkout (its CLI has no --workers)")
     r.add_argument("--repeats", type=int, default=3)
     r.add_argument("extra", nargs="*", help="more CLI flags after --")
     a = ap.parse_args()
     if a.cmd == "gen":
         gen(a.out, a.rows, a.files, a.seed, a.row_group)
     else:
-        run(a.raw, a.out, [int(w) for w in a.workers.split(",")], a.repeats, a.extra)
+        run(a.raw, a.out, a.workers.split(","), a.repeats, a.extra, a.before)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from embtables.pipelines.data.parquet_io import (ENCODED_FORMAT, FILE_ROWS, ROW_
 VERSION = 1
 STATS_BATCH_ROWS = 65536
 ENCODE_BATCH_ROWS = 4 * 65536
-COMPACT_MIN_ROWS = 1 << 20
+COMPACT_MIN_ROWS = 1 << 16  # buffered counts per column before a merge: memory ~ vocab, not ~ this × columns
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 BEYOND_FLOAT32 = f"beyond float32 (|x| <= {FLOAT32_MAX:.4g}), the type dense values are stored as"
 
@@ -266,6 +266,7 @@ class _Pass:
     valid_fraction: float
     seed: int
     validate: bool = True  # rows not yet checked (the encode pass re-reads checked train rows)
+    arrow_threads: bool = True  # let Arrow decode a piece on several threads
     schema: pa.Schema | None = None          # encode pass only
     indexes: dict[str, VocabIndex] | None = None
 
@@ -274,7 +275,9 @@ def _piece_batches(ctx: _Pass, piece: Piece, batch_rows: int) -> Iterator[tuple[
     """(batch, valid-row mask or None) over one row group, each batch validated."""
     pf = open_parquet(piece.path, ctx.columns)
     row = 0
-    for batch in iter_batches(pf, piece.path, ctx.columns, batch_rows, row_groups=[piece.row_group]):
+    # Arrow's own decode threads only where ours are not already busy (memory and switching).
+    for batch in iter_batches(pf, piece.path, ctx.columns, batch_rows, row_groups=[piece.row_group],
+                              use_threads=ctx.arrow_threads):
         if ctx.validate:
             validate_batch(batch, piece.path, piece.file_row + row, ctx.label, ctx.dense, ctx.sparse)
         mask = valid_mask(piece.stream_row + row, batch.num_rows, ctx.valid_fraction, ctx.seed) \
@@ -359,16 +362,17 @@ def prepare_parquet(train_paths, valid_paths, *, label: str, dense, sparse, out,
     # Every file is opened and type-checked before any row is read.
     train_pieces = plan_pieces(train_files, opened)
     valid_pieces = plan_pieces(valid_files, opened)
-    train = _Pass(label, dense, sparse, columns, None if split else "train", valid_fraction, seed)
     with Runner(workers, address) as runner:
+        train = _Pass(label, dense, sparse, columns, None if split else "train", valid_fraction, seed,
+                      arrow_threads=runner.workers == 1)
         # Pass 1: vocabularies from the training rows, counted per piece, merged here.
         counters = {name: ValueCounter() for name in sparse}
         for counts in runner.map(_count_piece, train, train_pieces):
             for name, tables in counts.items():
                 for t in tables:
                     counters[name].add_counts(t)
-        vocabs = dict(zip(sparse, runner.map(_finish_vocab, (min_count, kinds),
-                                             ((n, counters.pop(n)) for n in sparse), local=True)))
+        vocabs = dict(zip(sparse, list(runner.map(_finish_vocab, (min_count, kinds),
+                                                  ((n, counters.pop(n)) for n in sparse), local=True))))
 
         # Pass 2: encode every row into the temp dir; rename into place only when all is written.
         schema = encoded_schema(label, dense, sparse, kinds)

@@ -82,7 +82,7 @@ class Runner:
         self.close()
 
     def map(self, fn: Callable, context, items: Iterable, *, local: bool = False) -> Iterator:
-        """fn(context, item) for each item, yielded in order; at most ~2 × workers in flight.
+        """fn(context, item) for each item, yielded in order; at most `workers` in flight (memory: one piece each).
 
         `local` keeps the work on this machine's threads even with a Ray address (for work on
         results already here, such as sorting the merged counts).
@@ -96,7 +96,7 @@ class Runner:
             pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ingest")
             try:
                 yield from _windowed((lambda item: pool.submit(fn, context, item)), items,
-                                     lambda f: f.result(), 2 * self.workers)
+                                     lambda f: f.result(), self.workers)
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
 
@@ -105,7 +105,7 @@ class Runner:
 
         task = ray.remote(fn)
         ref = ray.put(context)  # shipped once, not once per task
-        yield from _windowed(lambda item: task.remote(ref, item), items, ray.get, 2 * self.workers,
+        yield from _windowed(lambda item: task.remote(ref, item), items, ray.get, self.workers,
                              cancel=ray.cancel)
 
 
