@@ -66,8 +66,8 @@ def cpu_info() -> str:
 CLI = "import sys; from embtables.pipelines.cli.main import main; sys.exit(main())"  # = `embtables`
 
 
-def run_once(raw: Path, out: Path, workers: str, extra: list[str], before: str | None) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one `embtables data parquet` child ("before": the other CLI)."""
+def run_once(raw: Path, out: Path, workers: str, extra: list[str], before: str | None) -> tuple[float, float, float]:
+    """(seconds, peak RSS in MB, CPU seconds) of one `embtables data parquet` child ("before": the other CLI)."""
     sparse = ",".join(f"C{j + 1}" for j in range(len(CARDINALITIES)))
     dense = ",".join(f"I{j + 1}" for j in range(13))
     exe = before if workers == "before" else sys.executable
@@ -81,32 +81,36 @@ def run_once(raw: Path, out: Path, workers: str, extra: list[str], before: str |
     if p.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
-    return seconds, rss_kb / 1024
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", p.stderr).group(1)) for k in ("User", "System"))
+    return seconds, rss_kb / 1024, cpu
 
 
 def run(raw: Path, out: Path, workers: list[str], repeats: int, extra: list[str], before: str | None) -> None:
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(raw.glob("*.parquet")))
     print(cpu_info())
     print(f"load before: {os.getloadavg()}")
-    got: dict[str, list[tuple[float, float]]] = {w: [] for w in workers}
+    got: dict[str, list[tuple[float, float, float]]] = {w: [] for w in workers}
     for r in range(repeats):
         for w in workers:
-            s, mb = run_once(raw, out, w, extra, before)
-            got[w].append((s, mb))
-            print(f"  repeat {r + 1} workers {w}: {s:.1f} s, {rows / s:,.0f} rows/s, peak RSS {mb:,.0f} MB "
-                  f"(load {os.getloadavg()[0]:.2f})", flush=True)
+            s, mb, cpu = run_once(raw, out, w, extra, before)
+            got[w].append((s, mb, cpu))
+            print(f"  repeat {r + 1} workers {w}: {s:.1f} s, {rows / s:,.0f} rows/s, peak RSS {mb:,.0f} MB, "
+                  f"{cpu:.1f} CPU s ({100 * cpu / s:.0f}% of a core; load {os.getloadavg()[0]:.2f})", flush=True)
     import json
     stats = json.loads((out / "stats.json").read_text())
     ids = sum(f["vocab_size"] for f in stats["features"].values())
     print(f"load after: {os.getloadavg()}; {rows:,} rows, {ids:,} ids in the vocabularies")
-    print("| workers | rows/s min / median | seconds min / median | peak RSS MB min / median | MB per 1M ids |")
-    print("|---|---|---|---|---|")
+    print("| workers | rows/s min / median | seconds min / median | CPU s median (cores busy) "
+          "| peak RSS MB min / median | MB per 1M ids |")
+    print("|---|---|---|---|---|---|")
     for w, xs in got.items():
-        rate = sorted(rows / s for s, _ in xs)
-        secs = sorted(s for s, _ in xs)
-        mbs = sorted(mb for _, mb in xs)
+        rate = sorted(rows / s for s, _, _ in xs)
+        secs = sorted(s for s, _, _ in xs)
+        mbs = sorted(mb for _, mb, _ in xs)
+        cpu = statistics.median(c for _, _, c in xs)
         print(f"| {w} | {rate[0]:,.0f} / {statistics.median(rate):,.0f} | {secs[0]:.1f} / "
-              f"{statistics.median(secs):.1f} | {mbs[0]:,.0f} / {statistics.median(mbs):,.0f} | "
+              f"{statistics.median(secs):.1f} | {cpu:.1f} ({cpu / statistics.median(secs):.2f}) | "
+              f"{mbs[0]:,.0f} / {statistics.median(mbs):,.0f} | "
               f"{statistics.median(mbs) / (ids / 1e6):,.0f} |")
 
 

@@ -33,7 +33,7 @@ from embtables.pipelines.data.parquet_io import (ENCODED_FORMAT, FILE_ROWS, ROW_
 
 VERSION = 1
 STATS_BATCH_ROWS = 65536
-ENCODE_BATCH_ROWS = 4 * 65536
+ENCODE_BATCH_ROWS = 65536  # the vocab hash is built once, so small batches cost nothing: less memory
 COMPACT_MIN_ROWS = 1 << 16  # buffered counts per column before a merge: memory ~ vocab, not ~ this × columns
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 BEYOND_FLOAT32 = f"beyond float32 (|x| <= {FLOAT32_MAX:.4g}), the type dense values are stored as"
@@ -371,8 +371,8 @@ def prepare_parquet(train_paths, valid_paths, *, label: str, dense, sparse, out,
             for name, tables in counts.items():
                 for t in tables:
                     counters[name].add_counts(t)
-        vocabs = dict(zip(sparse, list(runner.map(_finish_vocab, (min_count, kinds),
-                                                  ((n, counters.pop(n)) for n in sparse), local=True))))
+        # One feature at a time: the final merge and sort are the memory peak of the ingest.
+        vocabs = {n: counters.pop(n).vocab(min_count, kinds[n][0]) for n in sparse}
 
         # Pass 2: encode every row into the temp dir; rename into place only when all is written.
         schema = encoded_schema(label, dense, sparse, kinds)
@@ -420,11 +420,6 @@ def prepare_parquet(train_paths, valid_paths, *, label: str, dense, sparse, out,
             stats["fingerprint"] = content_fingerprint(tmp, stats)
             write_json_atomic(tmp / "stats.json", stats)
     return Path(out)
-
-
-def _finish_vocab(opts: tuple[int, dict], item: tuple[str, ValueCounter]) -> pa.Table:
-    (min_count, kinds), (name, counter) = opts, item
-    return counter.vocab(min_count, kinds[name][0])
 
 
 class _Tally:

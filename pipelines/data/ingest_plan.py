@@ -81,13 +81,9 @@ class Runner:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def map(self, fn: Callable, context, items: Iterable, *, local: bool = False) -> Iterator:
-        """fn(context, item) for each item, yielded in order; at most `workers` in flight (memory: one piece each).
-
-        `local` keeps the work on this machine's threads even with a Ray address (for work on
-        results already here, such as sorting the merged counts).
-        """
-        if self.address is not None and not local:
+    def map(self, fn: Callable, context, items: Iterable) -> Iterator:
+        """fn(context, item) for each item, yielded in order; at most `workers` in flight (memory: one piece each)."""
+        if self.address is not None:
             yield from self._ray_map(fn, context, items)
         elif self.workers == 1:
             for item in items:
