@@ -57,7 +57,8 @@ DEFAULTS: dict[str, Any] = {
         "threads": None,          # torch intra-op threads; None = all cores
         "precision": "fp32",      # fp32 | bf16 | auto (bf16 autocast for the dense network where bf16
                                   # products measure faster: CUDA, or AVX512_BF16/AMX + a probe; tables and loss stay fp32)
-        "prefetch": 2,            # batches prepared ahead on a background thread; 0 = off
+        "prefetch": "auto",       # batches prepared ahead on a background thread: auto (sized for
+                                  # the machine, pipelines/data/prefetch.py), a number, or 0 = off
         "sharding": None,         # table_wise | column_wise | row_wise (distributed runs)
         "max_failures": 0,
         "device": "auto",         # auto (CUDA when available) | cpu | cuda | cuda:N
@@ -210,7 +211,8 @@ def check_config(cfg: dict) -> None:
         integer(f"train.{key}", 1)
     integer("train.seed", 0)
     integer("train.checkpoint_every_steps", 0)
-    integer("train.prefetch", 0)
+    need(tcfg["prefetch"] == "auto" or _is_int(tcfg["prefetch"]) and tcfg["prefetch"] >= 0, "train.prefetch",
+         "must be auto or an integer >= 0 (batches prepared ahead; 0 = off)")
     integer("train.max_failures", 0)
     integer("train.max_steps", 1, allow_none=True)
     integer("train.threads", 1, allow_none=True)

@@ -3,7 +3,7 @@
 Ours: `embtables train` on Criteo-like synth data (26 features, 13 dense; dim 16, bottom
 13-512-256-64-16, top 512-256-1, batch 2048; row-wise Adagrad fused into the lookup, dense
 Adagrad) with the fast CPU lookup (cpu_fused), the compiled interaction backward and
-prefetched batches. The headline run uses `--precision` (auto: bf16 where bf16 matrix products
+the prefetching data pipeline (`--prefetch`, default auto as `embtables train`). The headline run uses `--precision` (auto: bf16 where bf16 matrix products
 measure faster, see pipelines/train/precision.py, else fp32); the other precision runs too, so bf16's AUC is compared with fp32's (must be
 within 0.001). samples/s are the whole run's (first steps included), from metrics.json.
 
@@ -12,6 +12,9 @@ cost: a generous baseline), samples/s over the steps after `--torchrec-warmup`.
 
 The dense network alone (embeddings free) is timed too: its samples/s bound any end-to-end
 figure, and `max_speedup_vs_torchrec_dlrm` is the most any lookup work could buy here.
+
+Whole epoch vs step only (`data_path`, see run_data_path): the same loop over the same
+batches, fed by the data pipeline or from memory, alternating in one run.
 
 On a shared machine the two runs may see different load, so a paired measurement follows:
 the two models alternate in blocks of steps and the median step times are compared.
@@ -43,6 +46,10 @@ def add_throughput_args(parser) -> None:
     parser.add_argument("--backend", default="cpu_fused", help="our lookup backend")
     parser.add_argument("--dense-lr", type=float, default=0.01, help="dense Adagrad lr (both models)")
     parser.add_argument("--table-lr", type=float, default=0.05, help="row-wise Adagrad lr (both models)")
+    parser.add_argument("--prefetch", default="auto", type=lambda v: v if v == "auto" else int(v),
+                        help="train.prefetch of our runs (auto, batches ahead, 0 = off)")
+    parser.add_argument("--data-path-rounds", type=int, default=2,
+                        help="whole epoch vs step only: alternating rounds of each (0 = skip)")
     parser.add_argument("--torchrec-steps", type=int, default=40)
     parser.add_argument("--torchrec-warmup", type=int, default=5)
     parser.add_argument("--paired-rounds", type=int, default=6, help="0 = no paired measurement")
@@ -71,7 +78,8 @@ def our_config(args, dataset: Path, precision: str) -> dict:
             "embedding.dim": DIM, "embedding.backend": args.backend, "embedding.lr": args.table_lr,
             "train.batch_size": args.batch, "train.epochs": 1, "train.optimizer": "adagrad",
             "train.lr": args.dense_lr, "train.precision": precision, "train.seed": args.seed,
-            "train.max_steps": args.steps, "train.threads": args.threads, "train.log_every": 1_000_000}
+            "train.max_steps": args.steps, "train.threads": args.threads, "train.log_every": 1_000_000,
+            "train.prefetch": args.prefetch}
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])  # JSON is valid YAML
 
 
@@ -105,6 +113,65 @@ def run_torchrec(args, dataset: Path) -> dict:
           flush=True)
     return {"samples_per_sec": rate, "steps": args.torchrec_steps, "warmup_steps": args.torchrec_warmup,
             "final_loss": float(loss), "compute_kernels": kernels}
+
+
+def run_data_path(args, dataset: Path, precision: str) -> dict:
+    """Whole epoch vs step only, in one run: the same training loop (`train_loop`, as `embtables
+    train` runs it) over the same batches in the same order, each arm from a fresh model; once
+    fed by the data pipeline (`train.prefetch` as configured), once from batches already in
+    memory (read, decoded and prepared beforehand: the step alone). The arms alternate
+    `--data-path-rounds` times so both see the same machine load; samples/s are whole-loop means (first
+    steps included in both), not medians. Evaluation and checkpoints are left out of both."""
+    from embtables.pipelines.train.build import build_model, resolve_inputs
+    from embtables.pipelines.train.local import LocalRun, make_model_optimizer, train_loop
+    from embtables.pipelines.train.precision import autocast_network
+
+    cfg = our_config(args, dataset, precision)
+    inputs = resolve_inputs(cfg)
+
+    class Arm(LocalRun):
+        verbose = False
+        cached = None  # batches of the in-memory arm
+
+        def batches(self, epoch, position):
+            return iter(self.cached) if self.cached is not None else super().batches(epoch, position)
+
+        def save(self, position):
+            pass
+
+        def evaluate(self):
+            return {"auc": float("nan"), "logloss": float("nan"), "rows": 0}
+
+    def fresh_run(cached=None) -> Arm:
+        torch.manual_seed(args.seed)
+        model = build_model(cfg, inputs)
+        run = Arm(cfg, Path(tempfile.gettempdir()), inputs, model, make_model_optimizer(cfg["train"], model))
+        autocast_network(model, precision)
+        run.cached = cached
+        return run
+
+    def samples_per_sec(run) -> float:
+        position = {"epoch": 0, "rows_in_epoch": 0, "step": 0, "train_rows_seen": 0, "train_seconds": 0.0,
+                    "history": []}
+        train_loop(run, position, cfg["train"], progress=False)
+        return position["train_rows_seen"] / position["train_seconds"]
+
+    batches = fresh_run().batches(0, {"rows_in_epoch": 0})
+    memory = list(itertools.islice(batches, args.steps))
+    batches.close()
+    samples_per_sec(fresh_run(memory[:5]))  # the process's one-time warm-ups (oneDNN primitives) go first
+    out = {"pipeline_samples_per_sec": [], "in_memory_samples_per_sec": []}
+    for _ in range(args.data_path_rounds):
+        out["in_memory_samples_per_sec"].append(samples_per_sec(fresh_run(memory)))
+        out["pipeline_samples_per_sec"].append(samples_per_sec(fresh_run()))
+    out["whole_epoch_vs_step_only"] = [p / m for p, m in zip(out["pipeline_samples_per_sec"],
+                                                               out["in_memory_samples_per_sec"])]
+    out["prefetch"] = cfg["train"]["prefetch"]
+    print(f"data path ({precision}, prefetch {out['prefetch']}): whole epoch "
+          f"{', '.join(f'{x:,.0f}' for x in out['pipeline_samples_per_sec'])} vs step only "
+          f"{', '.join(f'{x:,.0f}' for x in out['in_memory_samples_per_sec'])} samples/s → "
+          f"{', '.join(f'{x:.3f}' for x in out['whole_epoch_vs_step_only'])}", flush=True)
+    return out
 
 
 def our_stepper(args, dataset: Path, precision: str):
@@ -197,6 +264,9 @@ def run_throughput_bench(args) -> dict:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report["samples_per_sec"] = report[f"ours_{headline}"]["samples_per_sec"]
+    if args.data_path_rounds > 0:  # the acceptance: whole epoch ≥ 95% of the step alone
+        report["data_path"] = run_data_path(args, dataset, headline)
+        report["whole_epoch_vs_step_only"] = statistics.median(report["data_path"]["whole_epoch_vs_step_only"])
     if "ours_bf16" in report and "ours_fp32" in report:
         delta = report["ours_bf16"]["auc"] - report["ours_fp32"]["auc"]
         report["auc_delta_bf16_vs_fp32"] = delta

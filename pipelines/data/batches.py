@@ -5,6 +5,7 @@ of an epoch is a pure function of (seed, epoch, shard), so `start_row` can resum
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -60,6 +61,10 @@ class _Rows:
                 within = np.arange(new_len.sum()) - np.repeat(_offsets(new_len)[:-1], new_len)
                 values.append(vals[starts + within])
         return _Rows(self.label[idx], self.dense[idx], [l[idx] for l in self.lengths], values, self.multi)
+
+    def pick(self, order: np.ndarray | None, a: int, b: int) -> "_Rows":
+        """Rows a..b of this block's epoch order: `order[a:b]` (shuffled), else rows a..b."""
+        return self.slice(a, b) if order is None else self.take(order[a:b])
 
     def slice(self, a: int, b: int) -> "_Rows":
         return _Rows(self.label[a:b], self.dense[a:b], [l[a:b] for l in self.lengths],
@@ -142,12 +147,13 @@ def _to_batch(rows: _Rows, keys: list[str]) -> Batch:
 
 def iterate_batches(dataset_dir, split: str, batch_size: int, *, shuffle: bool, seed: int = 0,
                     epoch: int = 0, drop_last: bool = False, start_row: int = 0,
-                    shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+                    shard: tuple[int, int] = (0, 1), workers: int = 1) -> Iterator[Batch]:
     """Batches of one split; with `shuffle`, the order depends only on (seed, epoch, shard).
 
     `start_row` skips that many rows of this shard's epoch order (resume). Shards are disjoint
     and together cover every row exactly once. The last partial batch is yielded unless
-    `drop_last`.
+    `drop_last`. `workers` > 1 decodes a buffer's row groups on that many threads (Parquet
+    decoding releases the GIL); the batches are the same for any `workers`.
     """
     rank, world = shard
     if world < 1 or not 0 <= rank < world:
@@ -165,24 +171,36 @@ def iterate_batches(dataset_dir, split: str, batch_size: int, *, shuffle: bool, 
         order = np.random.default_rng([seed, epoch]).permutation(len(units))
         units = [units[i] for i in order]
     units = _shard(units, rank, world)
-
-    pending: _Rows | None = None
-    skip = start_row
-    for b in range(0, len(units), BUFFER_ROW_GROUPS):
-        group = units[b:b + BUFFER_ROW_GROUPS]
-        n = sum(u.rows for u in group)
-        if skip >= n:  # resume: whole buffers before start_row are never read
-            skip -= n
-            continue
-        rows = _Rows.concat([reader.read(u) for u in group])
-        if shuffle:
-            rows = rows.take(np.random.default_rng([seed, epoch, rank, b]).permutation(n))
-        if skip:
-            rows, skip = rows.slice(skip, n), 0
-        rows = rows if pending is None else _Rows.concat([pending, rows])
-        full = len(rows) // batch_size * batch_size
-        for a in range(0, full, batch_size):
-            yield _to_batch(rows.slice(a, a + batch_size), stats["sparse"])
-        pending = rows.slice(full, len(rows))
-    if pending is not None and len(pending) and not drop_last:
-        yield _to_batch(pending, stats["sparse"])
+    keys = stats["sparse"]
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="embtables-decode") if workers > 1 else None
+    try:
+        pending: _Rows | None = None  # fewer than batch_size rows carried into the next buffer
+        skip = start_row
+        for b in range(0, len(units), BUFFER_ROW_GROUPS):
+            group = units[b:b + BUFFER_ROW_GROUPS]
+            n = sum(u.rows for u in group)
+            if skip >= n:  # resume: whole buffers before start_row are never read
+                skip -= n
+                continue
+            rows = _Rows.concat(list(pool.map(reader.read, group) if pool else map(reader.read, group)))
+            # This buffer's epoch order is a permutation (shuffle) or the file order; each batch
+            # gathers only its own rows, so the first batch leaves without a copy of the buffer.
+            order = np.random.default_rng([seed, epoch, rank, b]).permutation(n) if shuffle else None
+            a, skip = skip, 0
+            if pending is not None:
+                need = batch_size - len(pending)
+                pending = _Rows.concat([pending, rows.pick(order, a, min(a + need, n))])
+                a = min(a + need, n)
+                if len(pending) < batch_size:
+                    continue
+                yield _to_batch(pending, keys)
+                pending = None
+            while a + batch_size <= n:
+                yield _to_batch(rows.pick(order, a, a + batch_size), keys)
+                a += batch_size
+            pending = rows.pick(order, a, n) if a < n else None
+        if pending is not None and not drop_last:
+            yield _to_batch(pending, keys)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)

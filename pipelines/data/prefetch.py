@@ -1,17 +1,46 @@
-"""Prefetch batches on a background thread so reading and decoding overlap the train step.
+"""The prefetching batch pipeline: the next batches are read, decoded, batched and given their
+host-side model input on a background thread while the current step computes, so the step
+does not wait for data.
 
-Parquet decoding and numpy work release the GIL, so the next batches are prepared while the
-current step computes (training also orders and pins them there: pipelines/train/placement.py).
-Errors in the producer are re-raised in the consumer; leaving the loop early stops the thread.
+Parquet decoding and numpy/torch work release the GIL, so the producer overlaps the step
+(training orders the KJT's keys and offsets and pins for CUDA there: pipelines/train/placement.py).
+The pipeline yields exactly the items the source yields, in the same order (depth 0: the same
+work, inline). Errors in the producer are re-raised in the consumer as the same exception;
+leaving the loop early (`close`) stops the thread and closes the source on it.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 _DONE = object()
+
+# Batches queued ahead by `prefetch: auto`: enough to cover the decode of the reader's next
+# buffer of row groups (a burst of a few hundred ms) at ~1 MB per batch of 2048 Criteo rows.
+AUTO_DEPTH = 8
+
+
+def prefetch_plan(setting: int | str, cores: int | None = None) -> tuple[int, int]:
+    """`train.prefetch` (auto | batches ahead, 0 = off) → (queue depth, row-group decode threads).
+
+    The step's matrix products use every core, so on small machines the reading stays on the
+    one prefetch thread (measured on 2 cores: benchmarks/RESULTS.md, "Data path"); from 8 cores
+    on, a buffer's row groups decode in parallel.
+    """
+    if setting != "auto":
+        return int(setting), 1
+    cores = cores or os.cpu_count() or 1
+    return AUTO_DEPTH, 1 if cores < 8 else min(4, cores // 4)
+
+
+def prefetched(batches: Iterable, depth: int, transform: Callable | None = None):
+    """`batches` through `transform`, `depth` batches ahead on a thread (0: inline, the same work)."""
+    if depth == 0:
+        return (transform(b) for b in batches) if transform is not None else iter(batches)
+    return Prefetcher(batches, depth=depth, transform=transform)
 
 
 class Prefetcher(Iterator[T]):
@@ -46,6 +75,9 @@ class Prefetcher(Iterator[T]):
         except BaseException as e:  # handed to the consumer, raised there
             self._put(_Failure(e))
             return
+        finally:  # on this thread: a generator source runs its cleanup (e.g. its decode threads)
+            if hasattr(source, "close"):
+                source.close()
         self._put(_DONE)
 
     def __next__(self) -> T:

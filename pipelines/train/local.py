@@ -17,7 +17,7 @@ from embtables.pipelines.train.checkpoint import (checkpoint_dirs, latest_checkp
                                                   write_json_atomic)
 from embtables.pipelines.train.evaluate import evaluate
 from embtables.pipelines.train.precision import autocast_network, precision_record
-from embtables.pipelines.data.prefetch import Prefetcher
+from embtables.pipelines.data.prefetch import prefetch_plan, prefetched
 from embtables.pipelines.train.placement import host_ready, to_device
 from embtables.pipelines.train.build import build_model, resolve_inputs
 from embtables.pipelines.train.run_identity import check_resume, run_record
@@ -198,12 +198,13 @@ class LocalRun:
 
         check_fingerprint(self.inputs.dataset, self.fingerprint, "this run")  # each epoch: same data
         tcfg = self.cfg["train"]
+        depth, workers = prefetch_plan(tcfg["prefetch"])
         batches = iterate_batches(self.inputs.dataset, "train", tcfg["batch_size"], shuffle=True, seed=tcfg["seed"],
-                                  epoch=epoch, start_row=position["rows_in_epoch"])
-        if tcfg.get("prefetch", 0):  # read, decode, order keys and pin the next batches while this step computes
-            keys, pin = self.model.embeddings.input_keys, self.device.type == "cuda"
-            batches = Prefetcher(batches, depth=tcfg["prefetch"], transform=lambda b: host_ready(b, keys, pin))
-        return batches
+                                  epoch=epoch, start_row=position["rows_in_epoch"], workers=workers)
+        # read, decode, batch, the KJT's host side (key order, offsets) and pinning for CUDA run
+        # ahead of the step on the prefetch thread; the device copy stays in the loop
+        keys, pin = self.model.embeddings.input_keys, self.device.type == "cuda"
+        return prefetched(batches, depth, transform=lambda b: host_ready(b, keys, pin))
 
     def to_device(self, batch):
         return to_device(batch, self.model.embeddings.input_keys, self.device)
@@ -229,7 +230,7 @@ class LocalRun:
 
     def evaluate(self) -> dict:
         return evaluate(self.model, self.inputs.dataset, "valid", self.inputs.dense_index,
-                        self.cfg["train"]["eval_batch_size"])
+                        self.cfg["train"]["eval_batch_size"], prefetch=self.cfg["train"]["prefetch"])
 
 
 def with_regularization(model, loss: torch.Tensor) -> torch.Tensor:
@@ -289,7 +290,7 @@ def train_loop(run, position: dict, tcfg: dict, progress: bool, batch_filter=Non
             if _done(position, max_steps):
                 break
         position["train_seconds"] += time.perf_counter() - tick
-        if hasattr(batches, "close"):  # a Prefetcher's thread, or an abandoned generator
+        if hasattr(batches, "close"):  # the prefetch thread, or an abandoned generator
             batches.close()
         bar.close()
         if not _done(position, max_steps) or position["rows_in_epoch"] >= train_rows:
