@@ -57,8 +57,8 @@ DEFAULTS: dict[str, Any] = {
         "threads": None,          # torch intra-op threads; None = all cores
         "precision": "fp32",      # fp32 | bf16 | auto (bf16 autocast for the dense network where bf16
                                   # products measure faster: CUDA, or AVX512_BF16/AMX + a probe; tables and loss stay fp32)
-        "prefetch": "auto",       # batches prepared ahead on a background thread: auto (sized for
-                                  # the machine, pipelines/data/prefetch.py), a number, or 0 = off
+        "prefetch": "auto",       # batches prepared ahead on a background thread: auto (sized for the
+                                  # machine, inline below 4 cores: pipelines/data/prefetch.py), a number, 0 = inline
         "sharding": None,         # table_wise | column_wise | row_wise (distributed runs)
         "max_failures": 0,
         "device": "auto",         # auto (CUDA when available) | cpu | cuda | cuda:N

@@ -102,7 +102,8 @@ def test_host_side_of_the_kjt_runs_ahead_without_changing_the_output(tmp_path, s
 
 
 def test_plan_is_sized_for_the_machine():
-    assert prefetch_plan("auto", cores=2) == (AUTO_DEPTH, 1)  # the step uses both cores
+    assert prefetch_plan("auto", cores=2) == (0, 1)  # the step keeps both cores busy: inline
+    assert prefetch_plan("auto", cores=4) == (AUTO_DEPTH, 1)
     assert prefetch_plan("auto", cores=16) == (AUTO_DEPTH, 4)
     assert prefetch_plan(3, cores=16) == (3, 1) and prefetch_plan(0) == (0, 1)
 
@@ -128,7 +129,7 @@ def _bad_id(synth, dst, row):
 def test_producer_error_surfaces_as_the_same_error_line(tmp_path, synth, capsys):
     bad = _bad_id(synth, tmp_path / "bad", 4000)  # in a late buffer: raised on the producer thread
     lines = []
-    for prefetch in ("0", "auto"):
+    for prefetch in ("0", "2"):  # inline, and on the producer thread
         cfg = tmp_path / f"c{prefetch}.yaml"
         cfg.write_text(f"data: {{train: {bad}}}\nmodel: {{name: dlrm, bottom_mlp: [8], top_mlp: [8]}}\n"
                        f"embedding: {{dim: 4, backend: torch}}\ntrain: {{batch_size: 256, threads: 1, "

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import yaml
 
 from embtables.errors import ConfigError, EmbtablesError
+from embtables.pipelines.data.prefetch import prefetch_plan, prefetched
 from embtables.pipelines.data.identity import check_fingerprint, dataset_fingerprint, reading_dataset
 
 DATA_CPU_SHARE = 0.25  # of the cluster's CPUs kept for Ray Data (at least one CPU)
@@ -198,7 +199,9 @@ class DistributedRun:
         local = shard_batches(self.train_shard, self.inputs.stats, "train", self.batch_size, skip=skip,
                               shuffle_buffer=max(4 * self.batch_size, 16384),
                               seed=(seed * 1_000_003 + epoch) * 1000 + self.rank)
-        return self._lockstep(local, record=True)
+        # as in one process: decoding and the KJT build run ahead of the step (Ray prefetches blocks only)
+        depth, _ = prefetch_plan(self.cfg["train"]["prefetch"])
+        return self._lockstep(prefetched(local, depth), record=True)
 
     def _lockstep(self, local, record: bool):
         import torch.distributed as dist
@@ -207,15 +210,19 @@ class DistributedRun:
 
         pad = padding_batch(self.inputs.stats)
         it = iter(local)
-        while True:
-            batch = next(it, None)
-            count = torch.tensor([batch.rows if batch is not None else 0], dtype=torch.int64, device=self.device)
-            dist.all_reduce(count)
-            if int(count) == 0:
-                return
-            if batch is not None and record:
-                self.consumed.append(batch.hashes)
-            yield Step(batch if batch is not None else pad, int(count))
+        try:
+            while True:
+                batch = next(it, None)
+                count = torch.tensor([batch.rows if batch is not None else 0], dtype=torch.int64, device=self.device)
+                dist.all_reduce(count)
+                if int(count) == 0:
+                    return
+                if batch is not None and record:
+                    self.consumed.append(batch.hashes)
+                yield Step(batch if batch is not None else pad, int(count))
+        finally:  # left early (max_steps): stop the prefetch thread
+            if hasattr(it, "close"):
+                it.close()
 
     # --- step ----------------------------------------------------------------------------
     def to_device(self, step: Step) -> Step:
