@@ -10,8 +10,8 @@ features' collision patterns are independent.
 m comes from the budget over all the group's features together (`solve_group`), so the
 shared space is sized by Σ n_f, not by any one feature.
 
-Chunks default to 4 (2 or 1 when 4 does not divide d): more chunks per feature lower the odds
-that two ids share every chunk row. Measured with DLRM: MovieLens 100× AUC 0.729/0.733 (2
+`solve` picks 4 chunks (2 or 1 when 4 does not divide d; the constructor's default is 2): more
+chunks per feature lower the odds that two ids share every chunk row. Measured with DLRM: MovieLens 100× AUC 0.729/0.733 (2
 chunks, two seeds) → 0.749/0.748 (4) → 0.751 (8); synth 100× 0.737 either way, synth 10×
 0.724 (2) vs 0.720 (4). One shared table beat 4 sub-tables (0.748 vs 0.736, MovieLens 100×).
 
@@ -27,7 +27,7 @@ Options as TensorFlow Recommenders' unified-embedding layer allows them:
   share Σ n_f of the budget.
 
 A shared table is read by several slots, each pooled on its own: `lookups()` lists
-(slot key, table) pairs and the collection runs one fused lookup with a feature→table map.
+(slot key, table) pairs and the collection runs one pooled lookup with a key→table map.
 """
 from __future__ import annotations
 
