@@ -19,7 +19,7 @@ from embtables.errors import ExportError
 from embtables.kernels.fbgemm_lookup import check_bounds, fbgemm_cuda_available, fbgemm_module_loads
 from embtables.serving.quantize import dequantize_table, per_row_scale_bias, rows_per_scale
 
-BACKENDS = ("auto", "fbgemm", "torch")
+SERVING_BACKENDS = ("auto", "fbgemm", "torch")  # of ServingLookup (embtables.load adds "torchrec")
 
 
 def fbgemm_nbit_available() -> bool:
@@ -57,8 +57,8 @@ class ServingLookup(nn.Module):
     def __init__(self, tables: list[dict], stored: list[dict[str, torch.Tensor]], lookups: list,
                  backend: str = "auto", device: str | torch.device = "cpu"):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown serving backend {backend!r}; choose one of {BACKENDS}")
+        if backend not in SERVING_BACKENDS:
+            raise ValueError(f"unknown serving backend {backend!r}; choose one of {SERVING_BACKENDS}")
         device = torch.device(device)
         # On CUDA the IntNBit TBE needs the CUDA build of fbgemm_gpu (the CPU build imports but has no CUDA kernels).
         fbgemm_here = fbgemm_nbit_available() and (device.type != "cuda" or fbgemm_cuda_available())
