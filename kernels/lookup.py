@@ -43,6 +43,15 @@ class PooledLookup(Protocol):
                 weights: torch.Tensor | None = None) -> torch.Tensor:  # [B, Σ key dims]
         ...
 
+    # State for checkpoints, by table name ("<table>.weight", "<table>.momentum"). A TorchRec-
+    # sharded lookup keeps per-rank shards instead (pipelines/train/dist_checkpoint.py) and an
+    # export's lookup has nothing to train.
+    def lookup_state(self) -> dict[str, torch.Tensor]:
+        ...
+
+    def load_lookup_state(self, state: dict[str, torch.Tensor]) -> None:
+        ...
+
 
 def seeded_initial_weights(tables: list[TableSpec], seed: int) -> list[torch.Tensor]:
     """Each table's init from its own generator, so it does not depend on backend grouping."""
