@@ -25,7 +25,10 @@ from embtables.kernels.table_state import TableStateMixin
 from embtables.kernels.triton_plan import Plan
 from embtables.specs import FusedFeature, TableSpec
 
-BLOCK_L, BLOCK_E = 16, 32
+# Launch shapes: ids per chunk of a bag, sorted entries per chunk of a row's update, and warps per
+# program (a program handles one bag or one row: little work each, so few warps keep more
+# programs resident to hide the gather latency). Chosen by .gpu-measured sweeps (RESULTS.md).
+LAUNCH = {"block_l": 16, "block_e": 32, "forward_warps": 4, "backward_warps": 4, "update_warps": 4}
 
 
 def triton_available(device: str | torch.device = "cuda") -> bool:
@@ -125,7 +128,8 @@ class TritonFusedLookup(TableStateMixin, nn.Module):
                 self._p("b"), self._p("col"), self._p("weighted"), self._p("table"), self._p("n_parts"),
                 self._p("op"), self._p("scramble"), self._p("has_scramble"), self._p("table_rows"),
                 self._p("table_dim"), self._p("table_offset"), out, parts, batch, n_features, plan.dim,
-                HAS_PSW=psw is not None, P=P, BLOCK_D=D, BLOCK_L=BLOCK_L, CODE_BITS=plan.code_bits)
+                HAS_PSW=psw is not None, P=P, BLOCK_D=D, BLOCK_L=LAUNCH["block_l"], CODE_BITS=plan.code_bits,
+                num_warps=LAUNCH["forward_warps"])
         return out, parts
 
     @torch.no_grad()
@@ -140,7 +144,7 @@ class TritonFusedLookup(TableStateMixin, nn.Module):
         gparts = torch.empty(batch, n_features, P, D, device=device)
         part_grad_kernel[(batch, n_features)](
             grad_out, parts, self._p("col"), self._p("table"), self._p("n_parts"), self._p("op"),
-            self._p("table_dim"), gparts, n_features, plan.dim, P=P, BLOCK_D=D)
+            self._p("table_dim"), gparts, n_features, plan.dim, P=P, BLOCK_D=D, num_warps=LAUNCH["backward_warps"])
         entries = ids.numel() * P
         keys = torch.full((entries,), -1, dtype=torch.long, device=device)
         sources = torch.zeros(entries, dtype=torch.long, device=device)
@@ -149,7 +153,8 @@ class TritonFusedLookup(TableStateMixin, nn.Module):
             ids, offsets, psw if psw is not None else ids, self._p("kind"), self._p("a"), self._p("b"),
             self._p("weighted"), self._p("table"), self._p("n_parts"), self._p("scramble"),
             self._p("has_scramble"), self._p("table_rows"), keys, sources, factors, batch, n_features,
-            HAS_PSW=psw is not None, P=P, BLOCK_L=BLOCK_L, CODE_BITS=plan.code_bits)
+            HAS_PSW=psw is not None, P=P, BLOCK_L=LAUNCH["block_l"], CODE_BITS=plan.code_bits,
+            num_warps=LAUNCH["backward_warps"])
         live = torch.nonzero(keys >= 0).squeeze(1)
         sorted_keys, order = torch.sort(keys[live], stable=True)  # stable: a fixed summation order
         unique, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
@@ -158,4 +163,5 @@ class TritonFusedLookup(TableStateMixin, nn.Module):
         update_kernel[(unique.numel(),)](
             unique, seg, live[order].contiguous(), sources, factors, gparts, self.weight, self.momentum,
             self._p("table_dim"), self._p("table_offset"), self._p("state_offset"),
-            self.optimizer.lr, self.optimizer.eps, BLOCK_D=D, BLOCK_E=BLOCK_E)
+            self.optimizer.lr, self.optimizer.eps, BLOCK_D=D, BLOCK_E=LAUNCH["block_e"],
+            num_warps=LAUNCH["update_warps"])
