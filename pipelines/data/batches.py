@@ -5,6 +5,7 @@ of an epoch is a pure function of (seed, epoch, shard), so `start_row` can resum
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,13 +94,16 @@ class _Reader:
     def __init__(self, dataset_dir: Path, stats: dict):
         self.dir, self.stats = dataset_dir, stats
         self.columns = [stats["label"]] + stats["dense"] + stats["sparse"]
-        self._files: dict[Path, object] = {}
+        # One ParquetFile per decode thread: a ParquetFile's reader is not safe to share between
+        # threads (two concurrent read_row_group calls on one handle were seen to hang).
+        self._local = threading.local()
 
-    def file(self, rel: str):
+    def file(self, rel: str | Path):
         path = self.dir / rel
-        if path not in self._files:
-            self._files[path] = open_parquet(path, self.columns)
-        return self._files[path]
+        files = self._local.__dict__.setdefault("files", {})
+        if path not in files:
+            files[path] = open_parquet(path, self.columns)
+        return files[path]
 
     def units(self, files: list[str]) -> list[_Unit]:
         units = []
@@ -113,7 +117,7 @@ class _Reader:
         return units
 
     def read(self, unit: _Unit) -> _Rows:
-        pf = self._files[unit.path]
+        pf = self.file(unit.path)
         t = read_row_group(pf, unit.path, unit.row_group, self.columns).slice(unit.start, unit.rows)
         label = t.column(self.stats["label"]).to_numpy().astype(np.float32)
         row0 = unit.file_row + unit.start
