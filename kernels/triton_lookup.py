@@ -27,7 +27,8 @@ from embtables.specs import FusedFeature, TableSpec
 
 # Launch shapes: ids per chunk of a bag, sorted entries per chunk of a row's update, and warps per
 # program (a program handles one bag or one row: little work each, so few warps keep more
-# programs resident to hide the gather latency). Chosen by .gpu-measured sweeps (RESULTS.md).
+# programs resident to hide the gather latency). These are the shapes the H200 run in
+# RESULTS.md measured; a sweep over them is still to be run there.
 LAUNCH = {"block_l": 16, "block_e": 32, "forward_warps": 4, "backward_warps": 4, "update_warps": 4}
 
 
