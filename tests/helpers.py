@@ -64,3 +64,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def tiny_config(tmp_path, data, *overrides, epochs: int = 2) -> dict:
+    """A small DLRM config over `data` (torch lookup, one thread), with `--set`-style overrides."""
+    from embtables.config import load_config
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"data: {{train: {data}}}\nmodel: {{name: dlrm, bottom_mlp: [8], top_mlp: [16]}}\n"
+                    f"embedding: {{dim: 8, backend: torch}}\ntrain: {{batch_size: 256, epochs: {epochs}, threads: 1}}\n")
+    return load_config(path, list(overrides))

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from embtables.config import load_config
 from embtables.errors import ConfigError
 from embtables.jagged import kjt_offsets, order_keys
 from embtables.pipelines.data.batches import iterate_batches
@@ -18,7 +17,7 @@ from embtables.pipelines.data.ingest_synth import ingest as ingest_synth
 from embtables.pipelines.train.build import build_model, resolve_inputs
 from embtables.pipelines.train.local import make_model_optimizer
 from embtables.pipelines.train.placement import to_device
-from tests.helpers import kjt
+from tests.helpers import kjt, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +26,7 @@ def synth(tmp_path_factory):
 
 
 def config(tmp_path, data, *overrides):
-    path = tmp_path / "cfg.yaml"
-    path.write_text(f"data: {{train: {data}}}\nmodel: {{name: dlrm, bottom_mlp: [8], top_mlp: [16]}}\n"
-                    "embedding: {dim: 8, backend: torch}\ntrain: {batch_size: 256, epochs: 1, threads: 1}\n")
-    return load_config(path, list(overrides))
+    return tiny_config(tmp_path, data, *overrides, epochs=1)
 
 
 def test_config_key_defaults_to_auto_and_rejects_garbage(tmp_path, synth):

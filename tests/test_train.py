@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from embtables.config import load_config
 from embtables.errors import ConfigError, EmbtablesError
 from embtables.pipelines.data.ingest_synth import ingest as ingest_synth
 from embtables.pipelines.train.local import train
+from tests.helpers import tiny_config
 
 CONTRACT_KEYS = {"auc", "logloss", "embedding_bytes", "full_embedding_bytes", "compression_ratio",
                  "samples_per_sec", "train_rows_seen", "valid_rows", "method"}
@@ -20,10 +20,7 @@ def synth(tmp_path_factory):
 
 
 def config(tmp_path, data, *overrides):
-    path = tmp_path / "cfg.yaml"
-    path.write_text(f"data: {{train: {data}}}\nmodel: {{name: dlrm, bottom_mlp: [8], top_mlp: [16]}}\n"
-                    "embedding: {dim: 8, backend: torch}\ntrain: {batch_size: 256, epochs: 2, threads: 1}\n")
-    return load_config(path, list(overrides))
+    return tiny_config(tmp_path, data, *overrides, epochs=2)
 
 
 def test_train_writes_contract_metrics_and_learns(tmp_path, synth):
