@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import end_spawned_rank, free_port
 
 from embtables.config import load_config
 
@@ -183,7 +183,6 @@ def _reference_and_sharded(rank, world, port, sets, sharding):
 
 
 def _sharded_equals_unsharded(rank, world, data, port, result_dir, sets=()):
-    import torch.distributed as dist
 
     from embtables.pipelines.data.batches import iterate_batches
     from embtables.pipelines.train.dist_checkpoint import save_sharded
@@ -215,7 +214,7 @@ def _sharded_equals_unsharded(rank, world, data, port, result_dir, sets=()):
         trained = dmp(batch.dense[:, inputs.dense_index], batch.sparse)
     if rank == 0:
         torch.save({"diff": diff, "trained": trained, "summary": summary}, Path(result_dir) / "result.pt")
-    dist.destroy_process_group()
+    end_spawned_rank()
 
 
 SHARED_TABLES = ("embedding.compression.method=multiplexed", "embedding.compression.ratio=4")
@@ -268,7 +267,6 @@ def test_sharded_lookup_matches_the_fused_one_and_checkpoints_read_whole(request
 
 
 def _padded_training(rank, data, port, result_dir):
-    import torch.distributed as dist
 
     from embtables.pipelines.data.batches import iterate_batches
     from embtables.pipelines.train.local import make_model_optimizer
@@ -291,7 +289,7 @@ def _padded_training(rank, data, port, result_dir):
         diff = (ref(batch.dense[:, inputs.dense_index], batch.sparse)
                 - dmp(batch.dense[:, inputs.dense_index], batch.sparse)).abs().max().item()
     torch.save({"diff": diff}, Path(result_dir) / "padded.pt")
-    dist.destroy_process_group()
+    end_spawned_rank()
 
 
 def test_padded_tables_train_exactly_like_unpadded_ones(synth, tmp_path):

@@ -15,7 +15,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from embtables import CompressedEmbeddingBagCollection
 from embtables.frequency_order import FrequencyOrder
-from helpers import free_port
+from helpers import end_spawned_rank, free_port
 
 KEYS = [f"cat_{i}" for i in range(4)]
 HASH = 2000
@@ -216,7 +216,7 @@ def _dmp_matches_single_process(rank, world, port, result_dir):
     if rank == 0:
         torch.save({"diff": diff.item(), "fused_state": sorted(state), "plan": str(dmp.plan)},
                    Path(result_dir) / "dmp.pt")
-    dist.destroy_process_group()
+    end_spawned_rank()
 
 
 @pytest.mark.slow  # ~50 s on 2 cores: two processes import TorchRec and plan
