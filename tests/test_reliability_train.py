@@ -352,9 +352,11 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical_and_the_lock_holds_meanw
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: len(checkpoint_dirs(run)) >= 2, proc)
+        # Frozen wherever it is (a step or a checkpoint write), so it cannot finish the run while
+        # the second writer is refused: the kill then lands mid-run on any machine speed.
+        proc.send_signal(signal.SIGSTOP)
         code, _, err = run_cli(capsys, "train", cfg, "--out", run, "--resume", "--quiet", "--set", "train.epochs=3")
         assert code == 2 and "in use by another training" in one_error_line(err)
-        time.sleep(0.3)  # somewhere in a step or a checkpoint write
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
