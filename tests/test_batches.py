@@ -128,3 +128,12 @@ def test_truncated_part_file_names_it(dataset, tmp_path):
     part.write_bytes(part.read_bytes()[:500])
     with pytest.raises(DataError, match="part-00000.parquet"):
         list(iterate_batches(bad, "train", 32, shuffle=False))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_relative_dataset_path_reads_the_same_rows(dataset, monkeypatch, workers):
+    """`make demo` passes data/prepared/...: a relative dataset dir must not be joined twice."""
+    expected = row_ids(iterate_batches(dataset, "train", 64, shuffle=False))
+    monkeypatch.chdir(dataset.parent)
+    got = row_ids(iterate_batches(dataset.name, "train", 64, shuffle=False, workers=workers))
+    assert got == expected

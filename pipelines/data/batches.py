@@ -98,8 +98,8 @@ class _Reader:
         # threads (two concurrent read_row_group calls on one handle were seen to hang).
         self._local = threading.local()
 
-    def file(self, rel: str | Path):
-        path = self.dir / rel
+    def file(self, path: Path):
+        """This thread's open ParquetFile of `path` (a dataset file: dataset dir / its relative name)."""
         files = self._local.__dict__.setdefault("files", {})
         if path not in files:
             files[path] = open_parquet(path, self.columns)
@@ -108,7 +108,7 @@ class _Reader:
     def units(self, files: list[str]) -> list[_Unit]:
         units = []
         for rel in files:
-            meta = self.file(rel).metadata
+            meta = self.file(self.dir / rel).metadata
             row = 0
             for g in range(meta.num_row_groups):
                 n = meta.row_group(g).num_rows
