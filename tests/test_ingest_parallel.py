@@ -138,3 +138,11 @@ def test_ray_tasks_write_the_same_bytes(tmp_path):
     raw = raw_files(tmp_path)
     serial = files_of(encode(raw, tmp_path / "serial", workers=1))
     assert files_of(encode(raw, tmp_path / "ray", address="local", workers=2)) == serial
+
+
+@pytest.mark.parametrize("cores,expected", [(1, 1), (2, 1), (3, 1), (4, 4), (16, 16)])
+def test_default_workers_use_threads_only_from_four_cores(monkeypatch, cores, expected):
+    from embtables.pipelines.data import ingest_plan
+
+    monkeypatch.setattr(ingest_plan.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert ingest_plan.default_workers() == expected
