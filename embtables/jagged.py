@@ -9,6 +9,8 @@ before a batch moves to the device: the result carries its offsets and per-key l
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 from torchrec import KeyedJaggedTensor
 
@@ -18,7 +20,11 @@ def kjt_offsets(kjt: KeyedJaggedTensor) -> torch.Tensor:
     offsets = kjt.offsets_or_none()
     if offsets is not None:
         return offsets
-    lengths = kjt.lengths()
+    return _complete_cumsum(kjt.lengths())
+
+
+def _complete_cumsum(lengths: torch.Tensor) -> torch.Tensor:
+    """[0, l0, l0+l1, ...]: offsets from lengths."""
     offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long, device=lengths.device)
     torch.cumsum(lengths, 0, out=offsets[1:])
     return offsets
@@ -38,9 +44,7 @@ def order_keys(kjt: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
     stride = kjt.stride()
     lengths = kjt.lengths()
     per_key = kjt.length_per_key()  # host ints (a sync on a device tensor: call this on the host)
-    starts = [0]
-    for n in per_key:
-        starts.append(starts[-1] + n)
+    starts = list(accumulate(per_key, initial=0))
     weights = kjt.weights_or_none()
     values = kjt.values()
     if order != list(range(len(have))):
@@ -50,10 +54,6 @@ def order_keys(kjt: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
         values = values[gather]
         weights = None if weights is None else weights[gather]
     new_per_key = [per_key[k] for k in order]
-    offset_per_key = [0]
-    for n in new_per_key:
-        offset_per_key.append(offset_per_key[-1] + n)
-    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long, device=lengths.device)
-    torch.cumsum(lengths, 0, out=offsets[1:])
-    return KeyedJaggedTensor(keys=list(keys), values=values, weights=weights, lengths=lengths, offsets=offsets,
-                             stride=stride, length_per_key=new_per_key, offset_per_key=offset_per_key)
+    return KeyedJaggedTensor(keys=list(keys), values=values, weights=weights, lengths=lengths,
+                             offsets=_complete_cumsum(lengths), stride=stride, length_per_key=new_per_key,
+                             offset_per_key=list(accumulate(new_per_key, initial=0)))

@@ -86,19 +86,14 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     data = subparsers.add_parser("data", help="ingest raw click logs into an encoded Parquet dataset")
     sources = data.add_subparsers(dest="source", required=True)
 
-    p = sources.add_parser("criteo", help="Criteo train.txt (TSV, optionally .gz) or the CSV sample")
-    p.add_argument("raw")
-    p.add_argument("out")
-    _common(p)
-    p.add_argument("--max-rows", type=int, default=None, help="read only the first N rows")
-    p.set_defaults(func=_run_criteo)
-
-    p = sources.add_parser("avazu", help="Avazu train CSV")
-    p.add_argument("raw")
-    p.add_argument("out")
-    _common(p)
-    p.add_argument("--max-rows", type=int, default=None, help="read only the first N rows")
-    p.set_defaults(func=_run_avazu)
+    for name, run, help_text in (("criteo", _run_criteo, "Criteo train.txt (TSV, optionally .gz) or the CSV sample"),
+                                 ("avazu", _run_avazu, "Avazu train CSV")):
+        p = sources.add_parser(name, help=help_text)
+        p.add_argument("raw")
+        p.add_argument("out")
+        _common(p)
+        p.add_argument("--max-rows", type=int, default=None, help="read only the first N rows")
+        p.set_defaults(func=run)
 
     p = sources.add_parser("movielens", help="ml-latest(-small) directory or the ML-1M sample CSV")
     p.add_argument("raw")
