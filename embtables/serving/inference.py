@@ -20,9 +20,10 @@ from torchrec import KeyedJaggedTensor
 from embtables.collection import PooledEmbeddingCollection
 from embtables.device import resolve_device
 from embtables.serving import method_tensors
+from embtables.checksums import file_sha256
 from embtables.errors import ConfigError, ExportError
 from embtables.serving.format import (DENSE_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT, EXPORT_VERSION, MANIFEST,
-                                      MANIFEST_DIGEST, embtables_version, file_sha256, manifest_digest,
+                                      MANIFEST_DIGEST, embtables_version, manifest_digest,
                                       tensor_sha256)
 from embtables.serving.lookup import ServingLookup
 from embtables.serving.tensor_blob import unpack_parts

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embtables.checksums import hash_file_into
 from embtables.errors import DataError
 
 
@@ -36,9 +37,7 @@ def content_fingerprint(dataset: Path, stats: dict) -> str:
     files = sorted(p for p in Path(dataset).rglob("*.parquet") if p.is_file())
     for p in files:
         h.update(p.relative_to(dataset).as_posix().encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        hash_file_into(h, p)
     return h.hexdigest()
 
 

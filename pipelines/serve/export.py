@@ -28,11 +28,12 @@ from safetensors.torch import save_file
 
 from embtables.atomic import atomic_dir, check_replaceable, write_json_atomic
 from embtables.serving import method_tensors
+from embtables.checksums import file_sha256
 from embtables.errors import ExportError
 from embtables.models import LOOKUP_PREFIX
 from embtables.rows import DENSE_TRANSFORM
 from embtables.serving.format import (DENSE_FILE, EMBEDDINGS_FILE, EXPORT_FORMAT, EXPORT_VERSION,
-                                      MANIFEST, MANIFEST_DIGEST, embtables_version, file_sha256, is_export,
+                                      MANIFEST, MANIFEST_DIGEST, embtables_version, is_export,
                                       manifest_digest, tensor_sha256)
 from embtables.serving.quantize import check_precision, expected_bytes, quantize_table, rows_per_scale, stored_bytes
 from embtables.serving.tensor_blob import pack_parts

@@ -11,7 +11,6 @@ publish / rotate / verify code here.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from embtables import atomic
+from embtables.checksums import file_sha256
 from embtables.errors import EmbtablesError
 from embtables.models import LOOKUP_PREFIX
 
@@ -89,7 +89,7 @@ def save_torch(obj, path: Path) -> None:
 
 def publish(tmp: Path, final: Path) -> Path:
     """Digest every file of the finished temporary dir, rename it into place, drop old checkpoints."""
-    digests = {f.name: file_digest(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+    digests = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
     with open(tmp / DIGESTS, "w") as f:
         json.dump(digests, f, indent=1, sort_keys=True)
         f.flush()
@@ -100,11 +100,6 @@ def publish(tmp: Path, final: Path) -> Path:
     for old in checkpoint_dirs(final.parent.parent)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -118,7 +113,7 @@ def verify_checkpoint(path: Path) -> None:
         f = path / name
         if not f.is_file():
             raise CorruptCheckpoint(f"checkpoint {path} is missing {name}")
-        if file_digest(f) != digest:
+        if file_sha256(f) != digest:
             raise CorruptCheckpoint(f"checkpoint {path} is corrupt: {name} does not match its sha256")
 
 

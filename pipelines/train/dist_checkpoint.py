@@ -16,7 +16,6 @@ format, so eval / export / load_run work on distributed runs unchanged.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
