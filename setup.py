@@ -15,9 +15,9 @@ cpu_fused = Extension(
     "embtables.kernels._cpu_fused",
     sources=["kernels/csrc/cpu_fused.cpp", "kernels/csrc/interaction.cpp"],
     depends=["kernels/csrc/parallel.h"],
-    extra_compile_args=["-O3", "-fopenmp-simd", "-pthread", "-std=c++17",
+    extra_compile_args=["-O3", "-fopenmp", "-pthread", "-std=c++17",
                         f"-march={os.environ.get('EMBTABLES_CPU_ARCH', 'native')}"],
-    extra_link_args=["-pthread"],
+    extra_link_args=["-fopenmp", "-pthread"],
     optional=True,
 )
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib
-import sys
 
 import torch
 from torch import nn
 
+from embtables.kernels.host_memory import ReusedOutputs, hugepage_empty
 from embtables.kernels.optimizer import RowwiseAdagrad, initial_weights
 from embtables.specs import TableSpec
 
@@ -49,32 +49,6 @@ GRAIN = 32768  # floats of work per thread below which a parallel region costs m
 def threads_for(work: int) -> int:
     """Threads for `work` floats moved: one for small calls (as ATen's grain size), else all."""
     return max(1, min(torch.get_num_threads(), work // GRAIN))
-
-
-_HUGE = 2 << 20  # 2 MB: an x86-64 transparent huge page
-_MADV_HUGEPAGE = 14
-
-
-@functools.cache
-def _libc():
-    try:
-        return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-    except OSError:
-        return None
-
-
-def hugepage_empty(rows: int, dim: int) -> torch.Tensor:
-    """An uninitialised [rows, dim] float tensor the kernel may back with 2 MB pages (Linux THP
-    in madvise mode). Random row reads over a large table otherwise miss the TLB on nearly
-    every access; asked for before the first touch, so the pages are huge from the start."""
-    numel = rows * dim
-    if numel * 4 < 2 * _HUGE or _libc() is None:
-        return torch.empty(rows, dim)
-    raw = torch.empty(numel + _HUGE // 4)
-    start = (raw.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-    _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(numel * 4 // _HUGE * _HUGE), _MADV_HUGEPAGE)
-    offset = (start - raw.data_ptr()) // 4
-    return raw[offset:offset + numel].view(rows, dim)  # failure to madvise only costs speed
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -135,6 +109,10 @@ class CpuFusedLookup(nn.Module):
         self.register_buffer("_dims", torch.tensor([t.dim for t in self.tables]), persistent=False)
         # Gives autograd a leaf to reach, so backward (the update) runs; it holds no data.
         self._anchor = nn.Parameter(torch.zeros(0))
+        self._outputs = ReusedOutputs()
+        self._table_buffer_names = [f"weight_{i}" for i in range(len(self.tables))] + \
+                                   [f"momentum_{i}" for i in range(len(self.tables))]
+        self._address_key, self._address_arrays = None, None
 
     def table_weights(self) -> list[torch.Tensor]:
         return [getattr(self, f"weight_{i}") for i in range(len(self.tables))]
@@ -142,9 +120,16 @@ class CpuFusedLookup(nn.Module):
     def optimizer_states(self) -> list[torch.Tensor]:
         return [getattr(self, f"momentum_{i}") for i in range(len(self.tables))]
 
-    def _addresses(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        # Taken per call: buffers may have been replaced (load_state_dict, .to()).
-        return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.long)
+    def _addresses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables' and the optimizer states' addresses as the kernels take them. Checked per
+        call (a buffer may have been replaced: `.to()`, assignment), rebuilt only when changed."""
+        buffers = self._buffers
+        key = tuple(buffers[name].data_ptr() for name in self._table_buffer_names)
+        if key != self._address_key:
+            n = len(self.tables)
+            self._address_key = key
+            self._address_arrays = (torch.tensor(key[:n]), torch.tensor(key[n:]))
+        return self._address_arrays
 
     def _inputs(self, indices, offsets, psw):
         n_groups = len(self.feature_tables)
@@ -164,9 +149,8 @@ class CpuFusedLookup(nn.Module):
 
     def pooled(self, indices, offsets, psw) -> torch.Tensor:
         indices, offsets, psw, batch = self._inputs(indices, offsets, psw)
-        out = hugepage_empty(batch, self.out_dim)  # large outputs: far fewer page faults on first write
-        weights = self.table_weights()
-        ptrs = self._addresses(weights)
+        out = self._outputs.empty(batch, self.out_dim)
+        ptrs, _ = self._addresses()
         bad = _library().embtables_pooled_forward(
             len(self.feature_tables), batch, indices.data_ptr(), offsets.data_ptr(), _ptr(psw),
             self._feature_table.data_ptr(), ptrs.data_ptr(), self._rows.data_ptr(), self._dims.data_ptr(),
@@ -180,8 +164,7 @@ class CpuFusedLookup(nn.Module):
 
     def apply_gradient(self, indices, offsets, psw, grad_out) -> None:
         indices, offsets, psw, batch = self._inputs(indices, offsets, psw)
-        ptrs = self._addresses(self.table_weights())
-        states = self._addresses(self.optimizer_states())
+        ptrs, states = self._addresses()
         _library().embtables_backward_adagrad(
             len(self.feature_tables), batch, indices.data_ptr(), offsets.data_ptr(), _ptr(psw),
             self._feature_table.data_ptr(), len(self.tables), ptrs.data_ptr(), states.data_ptr(),

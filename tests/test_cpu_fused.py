@@ -201,6 +201,23 @@ def test_fused_lookup_backend_and_state_round_trip():
     assert_same_tables(fast, dst)
 
 
+@needs_cpu_fused
+def test_a_replaced_table_buffer_is_the_one_read_and_updated():
+    """The kernels' table addresses are cached: replacing a buffer (not copying into it) must
+    still reach the new tensor, in the forward and in the update."""
+    tables = [TableSpec("a", 10, 4), TableSpec("b", 6, 8)]
+    fast = CpuFusedLookup(tables, RowwiseAdagrad(lr=0.5), initial=initial(tables))
+    indices, offsets = torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 3, 4])
+    fast(indices, offsets).sum().backward()  # builds the cache
+    fast.weight_1 = torch.full((6, 8), 2.0)
+    fast.momentum_1 = torch.zeros(6)
+    out = fast(indices, offsets)
+    assert torch.equal(out[:, 4:], torch.full((2, 8), 2.0))
+    out.sum().backward()
+    assert bool((fast.weight_1[3] < 2.0).all()) and float(fast.momentum_1[3]) > 0.0
+    assert torch.equal(fast.weight_1[0], torch.full((8,), 2.0))
+
+
 def test_missing_kernels_fall_back_to_the_reference(monkeypatch):
     monkeypatch.setattr(cpu_fused, "_library", lambda: None)
     monkeypatch.setattr("embtables.kernels.lookup.cpu_fused_available", lambda: False)
