@@ -1,5 +1,5 @@
 """The Triton embedding layer: raw ids → [B, F, d] with the methods' remap, the lookup and the
-combine fused into one kernel (kernels/triton_lookup.py), which reads each method's fused parts.
+combine fused into one kernel (kernels/triton/lookup.py), which reads each method's fused parts.
 The sibling of the pooled collection: same methods, tables, state names and accounting; only
 the forward differs."""
 from __future__ import annotations
@@ -24,7 +24,7 @@ def fused_parts(methods: list[Method], dim: int) -> list[FusedFeature]:
 class FusedMethodEmbeddings(EmbeddingLayer):
     def __init__(self, features: list[FeatureSpec], dim: int, methods: list[Method],
                  optimizer: RowwiseAdagrad | None = None, seed: int = 0, device: str | torch.device = "cpu"):
-        from embtables.kernels.triton_lookup import TritonFusedLookup
+        from embtables.kernels.triton.lookup import TritonFusedLookup
 
         super().__init__(features, dim, methods)
         self.lookup = TritonFusedLookup(fused_parts(methods, dim), self.tables, dim, optimizer, seed, device)

@@ -2,7 +2,7 @@
 methods (torch, vectorised) and splitmix64 on numpy words for seeded row splits.
 
 The mixer is splitmix64's finaliser (Steele et al.), written once (`_finalise`) for torch int64,
-numpy uint64 and Python ints; the Triton kernels hold the device copy (kernels/triton_kernels.py).
+numpy uint64 and Python ints; the Triton kernels hold the device copy (kernels/triton/kernels.py).
 torch's int64 multiply wraps modulo 2^64 like an unsigned one would, but `>>` on a negative int64
 is arithmetic (it copies the sign bit), so every torch right shift is masked to make it logical.
 """

@@ -65,7 +65,7 @@ def seeded_initial_weights(tables: list[TableSpec], seed: int) -> list[torch.Ten
 def resolve_backend(backend: str, device: str | torch.device = "cpu", triton_ok: bool = False) -> str:
     """The backend `backend` means on `device` (triton_ok: the methods have fused parts), or a
     ConfigError saying why it cannot run here."""
-    from embtables.kernels.triton_lookup import triton_available
+    from embtables.kernels.triton.lookup import triton_available
 
     if backend not in BACKENDS:
         raise ConfigError(f"embedding.backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")

@@ -72,6 +72,7 @@ def violations() -> list[str]:
 def test_the_trees_have_modules_to_check():
     names = modules()
     assert "embtables.collection" in names and "embtables.kernels.lookup" in names
+    assert "embtables.kernels.triton.lookup" in names  # nested kernel packages are walked too
     assert "embtables.pipelines.cli.main" in names and "embtables.pipelines.data.batches" in names
 
 

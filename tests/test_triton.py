@@ -33,7 +33,7 @@ def test_in_a_fresh_process():
 from embtables.kernels import RowwiseAdagrad  # noqa: E402
 from embtables.kernels.lookup import seeded_initial_weights  # noqa: E402
 from embtables.fused_embeddings import fused_parts  # noqa: E402
-from embtables.kernels.triton_lookup import TritonFusedLookup, triton_available  # noqa: E402
+from embtables.kernels.triton.lookup import TritonFusedLookup, triton_available  # noqa: E402
 from embtables.methods.binary_code import BinaryCode  # noqa: E402
 from embtables.methods.full import Full  # noqa: E402
 from embtables.methods.hashing import Hash  # noqa: E402

@@ -22,7 +22,7 @@ from embtables.jagged import kjt_offsets
 from embtables.kernels.lookup import seeded_initial_weights
 from embtables.kernels.optimizer import RowwiseAdagrad
 from embtables.kernels.table_state import TableStateMixin
-from embtables.kernels.triton_plan import Plan
+from embtables.kernels.triton.plan import Plan
 from embtables.specs import FusedFeature, TableSpec
 
 # Launch shapes: ids per chunk of a bag, sorted entries per chunk of a row's update, and warps per
@@ -117,7 +117,7 @@ class TritonFusedLookup(TableStateMixin, nn.Module):
         return (offsets.numel() - 1) // n_features, n_features
 
     def pooled(self, ids, offsets, psw):
-        from embtables.kernels.triton_kernels import forward_kernel
+        from embtables.kernels.triton.kernels import forward_kernel
 
         batch, n_features = self._sizes(offsets)
         plan, P, D = self.plan, self.plan.max_parts, self.plan.block_d
@@ -135,7 +135,7 @@ class TritonFusedLookup(TableStateMixin, nn.Module):
 
     @torch.no_grad()
     def apply_gradient(self, ids, offsets, psw, parts, grad_out) -> None:
-        from embtables.kernels.triton_kernels import expand_kernel, part_grad_kernel, update_kernel
+        from embtables.kernels.triton.kernels import expand_kernel, part_grad_kernel, update_kernel
 
         batch, n_features = self._sizes(offsets)
         plan, P, D = self.plan, self.plan.max_parts, self.plan.block_d

@@ -1,6 +1,6 @@
 """Triton kernels: remap + gather + pool + combine in one pass, and the row-wise Adagrad backward.
 
-Descriptors come from kernels/triton_plan.py. Forward: one program per (bag, feature); the
+Descriptors come from kernels/triton/plan.py. Forward: one program per (bag, feature); the
 rows are derived from the raw ids inside the kernel, never written out. Backward: (1) the
 gradient of each part's pooled vector, (2) one (row key, source, weight) entry per id and part,
 (3) after a sort by row key, one program per unique row sums its entries in a fixed order and
