@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import torch
+from torchrec import KeyedJaggedTensor
 
 from embtables.errors import ConfigError
 from embtables.pipelines.data.parquet_io import open_parquet, read_row_group
@@ -39,47 +40,66 @@ class _Unit:
 
 
 class _Rows:
-    """A block of decoded rows: label, dense, and per feature (lengths, flat values).
+    """A block of decoded rows: label, dense, the single-hot ids of every feature as one
+    [rows, n_single] block (a batch gathers it in one indexing op, not one per feature), and
+    per multi-hot feature (lengths, flat values, offsets).
 
-    `multi[i]` marks multi-hot features; only those need offsets (single-hot: one value a row).
+    `slots[k]` says where key k lives: ("single", column of the block) or ("multi", index).
     """
 
-    def __init__(self, label, dense, lengths, values, multi):
-        self.label, self.dense, self.lengths, self.values, self.multi = label, dense, lengths, values, multi
-        self.offsets = [_offsets(l) if m else None for l, m in zip(lengths, multi)]
+    def __init__(self, label, dense, single, multi_lengths, multi_values, slots):
+        self.label, self.dense, self.single, self.slots = label, dense, single, slots
+        self.multi_lengths, self.multi_values = multi_lengths, multi_values
+        self.multi_offsets = [_offsets(lengths) for lengths in multi_lengths]
 
     def __len__(self) -> int:
         return len(self.label)
 
+    def _new(self, label, dense, single, multi_lengths, multi_values) -> "_Rows":
+        return _Rows(label, dense, single, multi_lengths, multi_values, self.slots)
+
     def take(self, idx: np.ndarray) -> "_Rows":
         values = []
-        for lengths, offs, vals in zip(self.lengths, self.offsets, self.values):
-            if offs is None:
-                values.append(vals[idx])
-            else:  # gather each row's run of values
-                new_len = lengths[idx]
-                starts = np.repeat(offs[:-1][idx], new_len)
-                within = np.arange(new_len.sum()) - np.repeat(_offsets(new_len)[:-1], new_len)
-                values.append(vals[starts + within])
-        return _Rows(self.label[idx], self.dense[idx], [l[idx] for l in self.lengths], values, self.multi)
+        for lengths, offs, vals in zip(self.multi_lengths, self.multi_offsets, self.multi_values):
+            new_len = lengths[idx]  # gather each row's run of values
+            starts = np.repeat(offs[:-1][idx], new_len)
+            within = np.arange(new_len.sum()) - np.repeat(_offsets(new_len)[:-1], new_len)
+            values.append(vals[starts + within])
+        return self._new(self.label[idx], self.dense[idx], self.single[idx],
+                         [lengths[idx] for lengths in self.multi_lengths], values)
 
     def pick(self, order: np.ndarray | None, a: int, b: int) -> "_Rows":
         """Rows a..b of this block's epoch order: `order[a:b]` (shuffled), else rows a..b."""
         return self.slice(a, b) if order is None else self.take(order[a:b])
 
     def slice(self, a: int, b: int) -> "_Rows":
-        return _Rows(self.label[a:b], self.dense[a:b], [l[a:b] for l in self.lengths],
-                     [v[a:b] if o is None else v[o[a]:o[b]] for v, o in zip(self.values, self.offsets)],
-                     self.multi)
+        return self._new(self.label[a:b], self.dense[a:b], self.single[a:b],
+                         [lengths[a:b] for lengths in self.multi_lengths],
+                         [v[o[a]:o[b]] for v, o in zip(self.multi_values, self.multi_offsets)])
 
     @staticmethod
     def concat(parts: list["_Rows"]) -> "_Rows":
         if len(parts) == 1:
             return parts[0]
-        n = len(parts[0].lengths)
-        return _Rows(np.concatenate([p.label for p in parts]), np.concatenate([p.dense for p in parts]),
-                     [np.concatenate([p.lengths[i] for p in parts]) for i in range(n)],
-                     [np.concatenate([p.values[i] for p in parts]) for i in range(n)], parts[0].multi)
+        n = len(parts[0].multi_lengths)
+        return parts[0]._new(np.concatenate([p.label for p in parts]), np.concatenate([p.dense for p in parts]),
+                             np.concatenate([p.single for p in parts]),
+                             [np.concatenate([p.multi_lengths[i] for p in parts]) for i in range(n)],
+                             [np.concatenate([p.multi_values[i] for p in parts]) for i in range(n)])
+
+    def to_batch(self, keys: list[str]) -> Batch:
+        n = len(self)
+        if not self.multi_lengths:  # all single-hot: the block's transpose is the KJT's values
+            values = torch.from_numpy(np.ascontiguousarray(self.single.T).reshape(-1))
+            sparse = KeyedJaggedTensor(keys=list(keys), values=values,
+                                       lengths=torch.ones(n * len(keys), dtype=torch.int32))
+        else:
+            ones = np.ones(n, dtype=np.int32)
+            sparse = to_kjt(keys, [self.single[:, i] if kind == "single" else self.multi_values[i]
+                                   for kind, i in self.slots],
+                            [ones if kind == "single" else self.multi_lengths[i] for kind, i in self.slots])
+        return Batch(label=torch.from_numpy(np.ascontiguousarray(self.label)),
+                     dense=torch.from_numpy(np.ascontiguousarray(self.dense)), sparse=sparse, rows=n)
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
@@ -122,13 +142,18 @@ class _Reader:
         label = t.column(self.stats["label"]).to_numpy().astype(np.float32)
         row0 = unit.file_row + unit.start
         dense = dense_features(t, self.stats["dense"], str(unit.path), row0)
-        lengths, values, multi = [], [], []
+        single, multi_lengths, multi_values, slots = [], [], [], []
         for name in self.stats["sparse"]:
-            multi.append(pa.types.is_list(t.schema.field(name).type))
             ids, lens = sparse_ids(t.column(name), name, self.stats["features"][name]["rows"], str(unit.path), row0)
-            lengths.append(lens)
-            values.append(ids)
-        return _Rows(label, dense, lengths, values, multi)
+            if pa.types.is_list(t.schema.field(name).type):
+                slots.append(("multi", len(multi_lengths)))
+                multi_lengths.append(lens)
+                multi_values.append(ids)
+            else:
+                slots.append(("single", len(single)))
+                single.append(ids)
+        block = np.stack(single, 1) if single else np.zeros((len(label), 0), dtype=np.int64)
+        return _Rows(label, dense, block, multi_lengths, multi_values, slots)
 
 
 def _shard(units: list[_Unit], rank: int, world: int) -> list[_Unit]:
@@ -141,12 +166,6 @@ def _shard(units: list[_Unit], rank: int, world: int) -> list[_Unit]:
         if b > a:
             mine.append(_Unit(u.path, u.row_group, u.file_row, a, b))
     return mine
-
-
-def _to_batch(rows: _Rows, keys: list[str]) -> Batch:
-    return Batch(label=torch.from_numpy(np.ascontiguousarray(rows.label)),
-                 dense=torch.from_numpy(np.ascontiguousarray(rows.dense)),
-                 sparse=to_kjt(keys, rows.values, rows.lengths), rows=len(rows))
 
 
 def iterate_batches(dataset_dir, split: str, batch_size: int, *, shuffle: bool, seed: int = 0,
@@ -197,14 +216,14 @@ def iterate_batches(dataset_dir, split: str, batch_size: int, *, shuffle: bool, 
                 a = min(a + need, n)
                 if len(pending) < batch_size:
                     continue
-                yield _to_batch(pending, keys)
+                yield pending.to_batch(keys)
                 pending = None
             while a + batch_size <= n:
-                yield _to_batch(rows.pick(order, a, a + batch_size), keys)
+                yield rows.pick(order, a, a + batch_size).to_batch(keys)
                 a += batch_size
             pending = rows.pick(order, a, n) if a < n else None
         if pending is not None and not drop_last:
-            yield _to_batch(pending, keys)
+            yield pending.to_batch(keys)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
