@@ -8,7 +8,8 @@ measure faster, see pipelines/train/precision.py, else fp32); the other precisio
 within 0.001). samples/s are the whole run's (first steps included), from metrics.json.
 
 TorchRec: see pipelines/bench/torchrec_dlrm.py; its batches are decoded beforehand (no loading
-cost: a generous baseline), samples/s over the steps after `--torchrec-warmup`.
+cost: a generous baseline), samples/s over the steps after `--torchrec-warmup`. It runs fp32 (as
+its example trains) and, where the CPU has bf16, again under bf16 autocast (`torchrec_dlrm_bf16`).
 
 The dense network alone (embeddings free) is timed too: its samples/s bound any end-to-end
 figure, and `max_speedup_vs_torchrec_dlrm` is the most any lookup work could buy here.
@@ -93,7 +94,7 @@ def run_ours(args, dataset: Path, precision: str, scratch: Path) -> dict:
                                     "train_seconds", "backends")}
 
 
-def run_torchrec(args, dataset: Path) -> dict:
+def run_torchrec(args, dataset: Path, bf16: bool = False) -> dict:
     from embtables.pipelines.data.encode import load_stats
     from embtables.pipelines.bench.torchrec_dlrm import (build_torchrec_dlrm, compute_kernels, process_group,
                                                    torchrec_batches, torchrec_step)
@@ -105,14 +106,14 @@ def run_torchrec(args, dataset: Path) -> dict:
         for i, batch in enumerate(batches):
             if i == args.torchrec_warmup:
                 tick = time.perf_counter()
-            loss = torchrec_step(dmp, optimizer, batch)
+            loss = torchrec_step(dmp, optimizer, batch, bf16)
         seconds = time.perf_counter() - tick
         kernels = compute_kernels(dmp)
     rate = args.torchrec_steps * args.batch / seconds
-    print(f"torchrec DLRM (DMP): {rate:,.0f} samples/s over {args.torchrec_steps} steps, kernels {kernels}",
-          flush=True)
+    print(f"torchrec DLRM (DMP, {'bf16 autocast' if bf16 else 'fp32'}): {rate:,.0f} samples/s over "
+          f"{args.torchrec_steps} steps, kernels {kernels}", flush=True)
     return {"samples_per_sec": rate, "steps": args.torchrec_steps, "warmup_steps": args.torchrec_warmup,
-            "final_loss": float(loss), "compute_kernels": kernels}
+            "final_loss": float(loss), "compute_kernels": kernels, "precision": "bf16" if bf16 else "fp32"}
 
 
 def run_data_path(args, dataset: Path, precision: str) -> dict:
@@ -279,6 +280,10 @@ def run_throughput_bench(args) -> dict:
         torchrec = report["torchrec_dlrm"]["samples_per_sec"]
         report["speedup_vs_torchrec_dlrm"] = report["samples_per_sec"] / torchrec
         report["max_speedup_vs_torchrec_dlrm"] = report["dense_only"][headline]["samples_per_sec"] / torchrec
+        if bf16_supported("cpu"):  # the same baseline given bf16 autocast, as ours may use
+            report["torchrec_dlrm_bf16"] = run_torchrec(args, dataset, bf16=True)
+            report["speedup_vs_torchrec_dlrm_bf16"] = (report["samples_per_sec"]
+                                                       / report["torchrec_dlrm_bf16"]["samples_per_sec"])
         if args.paired_rounds > 0:
             report["paired"] = run_paired(args, dataset, headline)
     report["load_average_after"] = list(os.getloadavg())

@@ -80,8 +80,10 @@ def torchrec_batches(dataset: Path, batch_size: int, count: int, seed: int) -> l
     return out
 
 
-def torchrec_step(dmp, optimizer, batch) -> torch.Tensor:
-    loss, _ = dmp(batch)
+def torchrec_step(dmp, optimizer, batch, bf16: bool = False) -> torch.Tensor:
+    """One step; `bf16`: the forward under CPU bf16 autocast (TorchRec's example trains fp32)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss, _ = dmp(batch)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
