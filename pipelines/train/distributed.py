@@ -239,13 +239,14 @@ class DistributedRun:
         return F.binary_cross_entropy_with_logits(logits, label, reduction="sum") * (
             weight * self.world / step.rows)
 
-    def finite(self, loss) -> bool:
-        """All ranks agree (one all-reduce), so every rank stops at the same step."""
+    def finite_flag(self, value) -> torch.Tensor:
+        """1 where `value` is finite on every rank (one all-reduce, no host sync), so all ranks
+        stop at the same step."""
         import torch.distributed as dist
 
-        ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        ok = torch.isfinite(value.detach()).to(torch.float32).reshape(1)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item())
+        return ok[0] > 0
 
     # --- checkpoints and evaluation ----------------------------------------------------
     def save(self, position: dict) -> None:

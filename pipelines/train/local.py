@@ -16,6 +16,7 @@ from embtables.pipelines.train.checkpoint import (checkpoint_dirs, latest_checkp
                                                   load_model_state, restore_rng, save_checkpoint,
                                                   write_json_atomic)
 from embtables.pipelines.train.evaluate import evaluate
+from embtables.pipelines.train.loss_guard import LossGuard
 from embtables.pipelines.train.precision import autocast_network, precision_record
 from embtables.pipelines.data.prefetch import prefetch_plan, prefetched
 from embtables.pipelines.train.placement import host_ready, to_device
@@ -215,8 +216,9 @@ class LocalRun:
     def loss(self, logits, batch):
         return self.loss_fn(logits, batch.label)
 
-    def finite(self, loss) -> bool:
-        return bool(torch.isfinite(loss))
+    def finite_flag(self, value) -> torch.Tensor:
+        """1 where `value` is finite, as a tensor on its device (reading it is the caller's sync)."""
+        return torch.isfinite(value.detach())
 
     def save(self, position: dict) -> None:
         save_checkpoint(self.out, position["step"], self.model, self.optimizer, position)
@@ -256,6 +258,7 @@ def train_loop(run, position: dict, tcfg: dict, progress: bool, batch_filter=Non
     every = tcfg["checkpoint_every_steps"]
     max_steps = tcfg["max_steps"]
     model.train()
+    guard = LossGuard(run)
     while position["epoch"] < tcfg["epochs"] and not _done(position, max_steps):
         epoch = position["epoch"]
         bar = tqdm(total=train_rows, initial=position["rows_in_epoch"], unit="rows", disable=not progress,
@@ -272,9 +275,7 @@ def train_loop(run, position: dict, tcfg: dict, progress: bool, batch_filter=Non
                 continue
             batch = run.to_device(batch)  # once per step, after the filter
             loss = with_regularization(model, run.loss(run.forward(batch), batch))
-            if not run.finite(loss):  # before any update or checkpoint: the last one stays good
-                raise EmbtablesError(f"loss is {loss.item()} at step {position['step'] + 1} (epoch {epoch + 1}); "
-                                     f"training stopped, the last good checkpoint is kept in {run.out}")
+            guard.check(loss, position["step"] + 1, epoch)  # the last good checkpoint stays good
             update(optimizer, loss)
             position["step"] += 1
             position["rows_in_epoch"] += rows_read
@@ -286,10 +287,12 @@ def train_loop(run, position: dict, tcfg: dict, progress: bool, batch_filter=Non
             if every and position["step"] % every == 0:
                 position["train_seconds"] += time.perf_counter() - tick
                 tick = time.perf_counter()
+                guard.flush()
                 _save(run, position)
             if _done(position, max_steps):
                 break
         position["train_seconds"] += time.perf_counter() - tick
+        guard.flush()
         if hasattr(batches, "close"):  # the prefetch thread, or an abandoned generator
             batches.close()
         bar.close()
@@ -306,10 +309,10 @@ def train_loop(run, position: dict, tcfg: dict, progress: bool, batch_filter=Non
 def _save(run, position: dict) -> None:
     """Checkpoint, unless an update made some weight non-finite although its loss was finite:
     then stop, keeping the last good checkpoint. Checked only here, as it reads every weight
-    once (tables included), which the checkpoint does anyway; one host sync (`run.finite`
+    once (tables included), which the checkpoint does anyway; one host sync (`run.finite_flag`
     makes the ranks agree)."""
     ok = torch.stack([torch.isfinite(w).all() for w in run.weights()]).all()
-    if not run.finite(torch.where(ok, 0.0, float("nan"))):
+    if not bool(run.finite_flag(torch.where(ok, 0.0, float("nan")))):
         raise EmbtablesError(f"weights are not finite after step {position['step']} (the loss was); training "
                              f"stopped before its checkpoint, the last good checkpoint is kept in {run.out}")
     run.save(position)
