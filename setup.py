@@ -6,11 +6,14 @@ and `embtables.pipelines` (from pipelines/).
 import os
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 # The fast CPU lookup (kernels/cpu_fused.py calls it through ctypes; no torch headers needed).
 # optional=True: when it cannot compile, the install still succeeds and the torch reference is used.
 # Built on the machine that installs it, so -march=native (AVX-512 where present); set
-# EMBTABLES_CPU_ARCH (e.g. x86-64-v2) for a build that must run on other CPUs.
+# EMBTABLES_CPU_ARCH (e.g. x86-64-v2) for a build that must run on other CPUs. -fopenmp: the
+# kernels run on torch's OpenMP threads (kernels/csrc/parallel.h); a compiler without OpenMP
+# gets a single-threaded build rather than none.
 cpu_fused = Extension(
     "embtables.kernels._cpu_fused",
     sources=["kernels/csrc/cpu_fused.cpp", "kernels/csrc/interaction.cpp"],
@@ -21,6 +24,18 @@ cpu_fused = Extension(
     optional=True,
 )
 
+
+class BuildWithoutOpenMPFallback(build_ext):
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as error:  # CompileError / LinkError: retry once without OpenMP
+            if "-fopenmp" not in ext.extra_compile_args:
+                raise
+            print(f"warning: building {ext.name} without OpenMP ({error}); its kernels will use one thread")
+            ext.extra_compile_args = [a for a in ext.extra_compile_args if a != "-fopenmp"]
+            ext.extra_link_args = [a for a in ext.extra_link_args if a != "-fopenmp"]
+            super().build_extension(ext)
 
 
 def set_pins(name: str) -> list[str]:
@@ -51,5 +66,6 @@ setup(
     # on CPU-only machines, `.[cuda]` on CUDA machines (never both: each installs `fbgemm_gpu`).
     extras_require={"cpu": set_pins("cpu"), "cuda": set_pins("cuda"), "test": ["pytest", "triton"]},
     ext_modules=[cpu_fused],
+    cmdclass={"build_ext": BuildWithoutOpenMPFallback},
     entry_points={"console_scripts": ["embtables=embtables.pipelines.cli.main:main"]},
 )

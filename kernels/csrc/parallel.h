@@ -19,7 +19,7 @@ void run_items(int64_t items, int n_threads, const Body& body) {
         return;
     }
     std::atomic<int64_t> next{0};
-#pragma omp parallel num_threads(n_threads)
+#pragma omp parallel num_threads(n_threads)  // without -fopenmp (setup.py's fallback): one thread
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < items;) body(i);
 }
 
