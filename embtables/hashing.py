@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import torch
 
 _MASK64 = (1 << 64) - 1
 _MASK63 = (1 << 63) - 1
@@ -26,7 +25,7 @@ def signed64(x: int) -> int:
     return x - (1 << 64) if x >> 63 else x
 
 
-def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+def _shr(z: "torch.Tensor", k: int) -> torch.Tensor:
     """Logical right shift of int64 bit patterns."""
     return (z >> k) & ((1 << (64 - k)) - 1)
 
@@ -73,6 +72,8 @@ def salted_hash(ids: torch.Tensor, salt: int | torch.Tensor) -> torch.Tensor:
     tensor with one salt per id (many features hashed in one call). Reduce with `% m`
     afterwards: with 63 bits the modulo bias is below m / 2^63.
     """
+    import torch  # here, not at the top: the ingest uses this module's numpy half without torch
+
     salted = mix64(salt.long()) if isinstance(salt, torch.Tensor) else mixed_salt(salt)
     return mix64(ids.long() * signed64(GOLDEN) + salted) & _MASK63
 

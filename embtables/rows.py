@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import torch
 from torchrec import KeyedJaggedTensor
 
+from embtables.arrow_sparse import flatten  # noqa: F401  (torch-free, so the ingest need not import torch)
 from embtables.errors import DataError
 
 # Dense features are heavy-tailed counts; the export manifest records this string.
@@ -38,23 +39,6 @@ def dense_features(table, names: list[str], where: str, row0: int = 0) -> np.nda
                         f"inf or beyond float32")
     x[np.isnan(x)] = 0.0  # missing values arrive as NaN
     return np.log1p(np.maximum(x, 0.0, out=x), out=x)
-
-
-def flatten(col: pa.Array) -> tuple[pa.Array, np.ndarray | None]:
-    """Sparse column → (flat values as int64 or string, per-row lengths for lists, else None).
-
-    A null list counts as an empty list; a null value (single or inside a list) stays null.
-    """
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    lengths = None
-    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-        lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int32)
-        col = pc.list_flatten(col)
-    if pa.types.is_dictionary(col.type):
-        col = col.dictionary_decode()
-    target = pa.int64() if pa.types.is_integer(col.type) else pa.string()
-    return col.cast(target), lengths
 
 
 def checked_ids(flat: pa.Array, lengths: np.ndarray, name: str, rows: int, where: str,

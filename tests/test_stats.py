@@ -96,17 +96,35 @@ def test_stats_pass_in_tiny_batches_gives_the_same_vocab(tmp_path, monkeypatch):
     train = write(tmp_path / "t.parquet", cols, row_group_size=97)
     whole = prepare_parquet(train, None, label="y", dense=[], sparse=["a", "s", "m"], out=tmp_path / "one")
 
-    # Tiny read batches and a tiny merge threshold force many incremental merges.
-    merges = []
-    compact = stats.ValueCounter._compact
+    # Tiny read batches and a tiny merge threshold force many incremental merges: group-bys of
+    # the string counts, sorted-run merges of the integer ones.
+    merges, run_merges = [], []
+    compact, merge_runs = stats.ValueCounter._compact, stats.merge_runs
     monkeypatch.setattr(stats, "STATS_BATCH_ROWS", 50)
     monkeypatch.setattr(stats, "COMPACT_MIN_ROWS", 64)
-    monkeypatch.setattr(stats.ValueCounter, "_compact", lambda self: (merges.append(1), compact(self)))
+    monkeypatch.setattr(stats.ValueCounter, "_compact", lambda self: (merges.append(1), compact(self))[1])
+    monkeypatch.setattr(stats, "merge_runs", lambda a, b: (run_merges.append(1), merge_runs(a, b))[1])
     streamed = prepare_parquet(train, None, label="y", dense=[], sparse=["a", "s", "m"], out=tmp_path / "many")
-    assert len(merges) > 20  # plus the final merge per feature
+    assert len(merges) > 5 and len(run_merges) > 100
     for name in ("a", "s", "m"):
         assert vocab(whole, name) == vocab(streamed, name)
     assert encoded(whole, "train") == encoded(streamed, "train")
+
+
+def test_id_counter_counts_like_a_plain_count(monkeypatch):
+    rng = np.random.default_rng(3)
+    counter, expected = stats.IdCounter(), {}
+    for _ in range(40):  # runs of uneven sizes: merges of every size ratio
+        values = rng.zipf(1.3, int(rng.integers(1, 400))) * 1_000_003 % (1 << 40)
+        for v in values.tolist():
+            expected[v] = expected.get(v, 0) + 1
+        counter.add_counts(stats.count_values(pa.array(values)))
+    counter.add_counts(stats.count_values(pa.array([None], pa.int64())))  # nothing to count
+    got = counter.vocab(min_count=2, value_type="int64").to_pydict()
+    want = sorted(((-c, v) for v, c in expected.items() if c >= 2))
+    assert list(zip(got["value"], got["count"])) == [(v, -c) for c, v in want]
+    assert len(got["value"]) > 20 and len(set(got["count"])) < len(got["count"])  # ties, broken by value
+    assert stats.IdCounter().vocab(1, "int64").num_rows == 0
 
 
 def test_random_split_is_seeded_and_counts_train_only(tmp_path):

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from embtables.errors import ConfigError, DataError
 from embtables.hashing import GOLDEN, mix64_array, uniform_of
-from embtables.rows import flatten
+from embtables.arrow_sparse import flatten
 from embtables.specs import FeatureSpec
 from embtables.atomic import write_json_atomic
 from embtables.pipelines.data.identity import check_no_readers, content_fingerprint, vocabulary_digest
@@ -152,9 +152,9 @@ def valid_mask(start: int, n: int, fraction: float, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------- counting
 
 class ValueCounter:
-    """Counts of one column's values, merged incrementally in bounded memory.
+    """Counts of one column's values (strings), merged incrementally in bounded memory.
 
-    Per-batch value_counts are buffered and folded into the running table when the buffer
+    Per-piece value_counts are buffered and folded into the running table when the buffer
     outgrows it, so the merge cost stays linear and memory stays a small multiple of the vocab.
     """
 
@@ -163,13 +163,11 @@ class ValueCounter:
         self._parts: list[pa.Table] = []
         self._pending = 0
 
-    def add(self, values: pa.Array) -> None:
-        self.add_counts(count_values(values))
-
-    def add_counts(self, counts: pa.Table | None) -> None:
-        """Fold in a (value, count) table from `count_values` (None: nothing counted)."""
+    def add_counts(self, counts: tuple[pa.Array, pa.Array] | None) -> None:
+        """Fold in (values, counts) from `count_values` (None: nothing counted)."""
         if counts is None:
             return
+        counts = pa.table({"value": counts[0], "count": counts[1]})
         self._parts.append(counts)
         self._pending += counts.num_rows
         merged = 0 if self._merged is None else self._merged.num_rows
@@ -184,23 +182,68 @@ class ValueCounter:
         self._parts, self._pending = [], 0
 
     def vocab(self, min_count: int, value_type: str) -> pa.Table:
-        """Values with count >= min_count, most frequent first, ties by value (deterministic)."""
         self._compact()
-        vtype = pa.int64() if value_type == "int64" else pa.string()
-        if self._merged is None:
-            return pa.table({"value": pa.array([], vtype), "count": pa.array([], pa.int64())})
-        t = self._merged.filter(pc.greater_equal(self._merged["count"], min_count))
-        return t.sort_by([("count", "descending"), ("value", "ascending")]).cast(
-            pa.schema([("value", vtype), ("count", pa.int64())]))
+        return frequency_ordered(self._merged, min_count, value_type)
 
 
-def count_values(values: pa.Array) -> pa.Table | None:
-    """(value, count) of the non-null values, or None when there are none."""
+class IdCounter:
+    """Counts of one integer column as sorted runs (values ascending, counts), merged like a
+    binary counter: a new run is merged into the one below while that one is at most twice its
+    size, so each count is merged O(log pieces) times by a streaming merge of sorted arrays.
+    Never hashed into a growing table: ValueCounter's group-bys re-hash the running table, most
+    of the stats pass's time on large vocabularies. Memory: about twice the distinct values.
+    """
+
+    def __init__(self):
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add_counts(self, run: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """Fold in a (values, counts) run from `count_values` (None: nothing counted)."""
+        if run is None:
+            return
+        while self._runs and len(self._runs[-1][0]) <= 2 * len(run[0]):
+            run = merge_runs(self._runs.pop(), run)
+        self._runs.append(run)
+
+    def vocab(self, min_count: int, value_type: str) -> pa.Table:
+        while len(self._runs) > 1:
+            self._runs.append(merge_runs(self._runs.pop(), self._runs.pop()))
+        values, counts = self._runs.pop() if self._runs else (None, None)
+        return frequency_ordered(None if values is None else pa.table({"value": values, "count": counts}),
+                                 min_count, value_type)
+
+
+def merge_runs(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Two sorted runs of distinct values → one, counts of shared values summed."""
+    values = np.concatenate([a[0], b[0]])
+    order = np.argsort(values, kind="stable")  # timsort: two sorted runs merge in linear time
+    values, counts = values[order], np.concatenate([a[1], b[1]])[order]
+    first = np.ones(len(values), bool)
+    np.not_equal(values[1:], values[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    return values[starts], np.add.reduceat(counts, starts)
+
+
+def frequency_ordered(counts: pa.Table | None, min_count: int, value_type: str) -> pa.Table:
+    """Values with count >= min_count, most frequent first, ties by value (deterministic)."""
+    vtype = pa.int64() if value_type == "int64" else pa.string()
+    if counts is None:
+        return pa.table({"value": pa.array([], vtype), "count": pa.array([], pa.int64())})
+    t = counts.filter(pc.greater_equal(counts["count"], min_count))
+    return t.sort_by([("count", "descending"), ("value", "ascending")]).cast(
+        pa.schema([("value", vtype), ("count", pa.int64())]))
+
+
+def count_values(values: pa.Array) -> tuple | None:
+    """The non-null values counted, or None when there are none: integers as a sorted run of
+    numpy arrays (values, counts) for IdCounter, strings as Arrow arrays for ValueCounter."""
     values = pc.drop_null(values)
     if len(values) == 0:
         return None
+    if pa.types.is_integer(values.type):
+        return np.unique(values.to_numpy(), return_counts=True)
     vc = pc.value_counts(values)
-    return pa.table({"value": vc.field("values"), "count": vc.field("counts")})
+    return vc.field("values"), vc.field("counts")
 
 
 # ---------------------------------------------------------------- encoding
@@ -286,9 +329,9 @@ def _piece_batches(ctx: _Pass, piece: Piece, batch_rows: int) -> Iterator[tuple[
         row += batch.num_rows
 
 
-def _count_piece(ctx: _Pass, piece: Piece) -> dict[str, list[pa.Table]]:
+def _count_piece(ctx: _Pass, piece: Piece) -> dict[str, list[tuple]]:
     """Pass 1 on one piece: value counts of every sparse column over its training rows."""
-    counts: dict[str, list[pa.Table]] = {name: [] for name in ctx.sparse}
+    counts: dict[str, list[tuple]] = {name: [] for name in ctx.sparse}
     for batch, mask in _piece_batches(ctx, piece, STATS_BATCH_ROWS):
         keep = None if mask is None else pa.array(~mask)
         for name in ctx.sparse:
@@ -366,7 +409,7 @@ def prepare_parquet(train_paths, valid_paths, *, label: str, dense, sparse, out,
         train = _Pass(label, dense, sparse, columns, None if split else "train", valid_fraction, seed,
                       arrow_threads=runner.workers == 1)
         # Pass 1: vocabularies from the training rows, counted per piece, merged here.
-        counters = {name: ValueCounter() for name in sparse}
+        counters = {name: IdCounter() if kinds[name][0] == "int64" else ValueCounter() for name in sparse}
         for counts in runner.map(_count_piece, train, train_pieces):
             for name, tables in counts.items():
                 for t in tables:
