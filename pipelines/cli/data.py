@@ -122,7 +122,7 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sparse", type=_csv_list, required=True)
     _common(p)
     p.add_argument("--workers", type=int, default=None,
-                   help="threads sharing the stats and encode passes (default: every core from 4 cores up, else 1; with "
+                   help="threads sharing the stats and encode passes (default: every core; with "
                         "--address: Ray tasks in flight, default the cluster's CPUs)")
     p.add_argument("--address", default=None,
                    help="spread both passes over a Ray cluster (auto | ray://HOST:10001 | local); the input "

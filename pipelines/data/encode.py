@@ -218,10 +218,12 @@ def merge_runs(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray
     values = np.concatenate([a[0], b[0]])
     order = np.argsort(values, kind="stable")  # timsort: two sorted runs merge in linear time
     values, counts = values[order], np.concatenate([a[1], b[1]])[order]
+    # A value is at most twice in `values` (once per run): add each second copy to the first.
     first = np.ones(len(values), bool)
     np.not_equal(values[1:], values[:-1], out=first[1:])
-    starts = np.flatnonzero(first)
-    return values[starts], np.add.reduceat(counts, starts)
+    second = np.flatnonzero(~first)
+    counts[second - 1] += counts[second]
+    return values[first], counts[first]
 
 
 def frequency_ordered(counts: pa.Table | None, min_count: int, value_type: str) -> pa.Table:
