@@ -1,7 +1,7 @@
 """Ingest benchmark (issue 15): raw Parquet like Criteo's, then `embtables data parquet` timed.
 
     python benchmarks/ingest_bench.py gen DIR [--rows 4000000 --files 8]
-    python benchmarks/ingest_bench.py run DIR OUT --workers before,1,2 --before OLD/.venv/bin/python [--repeats 3]
+    python benchmarks/ingest_bench.py run DIR OUT --workers before,1,2,default --before OLD/.venv/bin/python [--repeats 3]
 
 `gen` writes DIR/part-*.parquet: label `y`, 13 dense columns (I1..I13, float64 with ~10% nulls) and
 26 sparse int64 columns (C1..C26, ~5% nulls) whose power-law ids total ~3.8M distinct values at 4M
@@ -71,7 +71,7 @@ def run_once(raw: Path, out: Path, workers: str, extra: list[str], before: str |
     sparse = ",".join(f"C{j + 1}" for j in range(len(CARDINALITIES)))
     dense = ",".join(f"I{j + 1}" for j in range(13))
     exe = before if workers == "before" else sys.executable
-    flags = [] if workers == "before" else ["--workers", workers]
+    flags = [] if workers in ("before", "default") else ["--workers", workers]
     cmd = ["/usr/bin/time", "-v", exe, "-c", CLI, "data", "parquet", str(raw), str(out),
            "--label", "y", "--sparse", sparse, "--dense", dense, *flags, *extra]
     shutil.rmtree(out, ignore_errors=True)
@@ -126,7 +126,8 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("raw", type=Path)
     r.add_argument("out", type=Path)
-    r.add_argument("--workers", default="1,2", help="worker counts to compare; 'before' runs --before")
+    r.add_argument("--workers", default="1,2",
+                   help="worker counts to compare; 'default' runs without --workers, 'before' runs --before")
     r.add_argument("--before", default=None, help="the python of an older checkout (its CLI has no --workers)")
     r.add_argument("--repeats", type=int, default=3)
     r.add_argument("extra", nargs="*", help="more CLI flags after --")
