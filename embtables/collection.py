@@ -1,7 +1,8 @@
 """The embedding layer: every method's remap → ONE pooled lookup over all tables → combine.
 
 `PooledEmbeddingCollection` is given its lookup (any `PooledLookup`: a fused kernel from
-`make_lookup`, a TorchRec-sharded one, an export's quantized one) and never asks which.
+`make_lookup`, TorchRec's EBC sharded or in the drop-in, an export's quantized one) and never
+asks which.
 `FusedMethodEmbeddings` (Triton: remap, lookup and combine in one kernel) is its sibling;
 both share the methods' bookkeeping through `EmbeddingLayer`. `build_embeddings` picks.
 """
@@ -33,9 +34,10 @@ def lookup_layout(methods: list[Method]) -> tuple[list[TableSpec], list[tuple[st
 
 class EmbeddingLayer(nn.Module):
     """Raw-id KJT (one key per logical feature) → [B, F, d] in feature order: what every
-    embedding layer shares (the methods, their tables and keys, their training hooks and bytes)."""
+    embedding layer shares (the methods, their tables and keys, their training hooks and bytes).
+    dim None: each method has its own output dim (the TorchRec drop-in's tables may differ)."""
 
-    def __init__(self, features: list[FeatureSpec], dim: int, methods: list[Method]):
+    def __init__(self, features: list[FeatureSpec], dim: int | None, methods: list[Method]):
         super().__init__()
         self.features = list(features)
         self.dim = dim
@@ -43,11 +45,17 @@ class EmbeddingLayer(nn.Module):
         covered = [n for m in methods for n in m.feature_names]
         if sorted(covered) != sorted(f.name for f in features):
             raise ValueError(f"methods cover {covered}, features are {[f.name for f in features]}")
+        if dim is not None and any(m.dim != dim for m in methods):
+            raise ValueError(f"methods output dims {[m.dim for m in methods]}, the layer's dim is {dim}")
         self.tables, self.keys, self.key_tables = lookup_layout(methods)
         self._method_order = covered
         # Position of each logical feature in the methods' concatenated output.
         self._output_order = [covered.index(f.name) for f in features]
         self.register_buffer("_output_index", torch.tensor(self._output_order), persistent=False)
+        # The same as columns of the flat [B, Σ feature dims] output.
+        dims = [m.dim for m in methods for _ in m.features]
+        starts = torch.tensor([0] + dims).cumsum(0).tolist()
+        self._output_columns = [c for i in self._output_order for c in range(starts[i], starts[i] + dims[i])]
 
     @property
     def input_keys(self) -> list[str]:
@@ -83,7 +91,7 @@ class EmbeddingLayer(nn.Module):
         return sum(m.embedding_bytes() for m in self.methods)
 
     def full_embedding_bytes(self) -> int:
-        return sum(f.full_bytes(self.dim) for f in self.features)
+        return sum(m.full_bytes() for m in self.methods)
 
     def describe(self) -> list[dict]:
         """Per method: features, tables and the hyperparameters its solve chose."""
@@ -96,7 +104,8 @@ class EmbeddingLayer(nn.Module):
 
 class PooledEmbeddingCollection(EmbeddingLayer):
     """permute → each method's remap → lookup(values, offsets, weights) → each method's combine
-    (or, when every combine only places columns, one column gather)."""
+    (or, when every combine only places columns, one column gather). `forward` gives [B, F, d],
+    `flat` the same as [B, Σ feature dims] (which is all there is when the dims differ)."""
 
     def __init__(self, features: list[FeatureSpec], dim: int, methods: list[Method], lookup: nn.Module):
         super().__init__(features, dim, methods)
@@ -121,20 +130,25 @@ class PooledEmbeddingCollection(EmbeddingLayer):
         columns = [c for cols in per_method for c in cols]  # features in method order
         if sorted(columns) != list(range(col)):
             return None  # not a permutation of the pooled columns
-        d = self.dim
-        return torch.tensor([c for i in self._output_order for c in columns[i * d:(i + 1) * d]])
+        return torch.tensor([columns[c] for c in self._output_columns])
 
     def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return self.flat(sparse).view(-1, len(self.features), self.dim)
+
+    def flat(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         ordered = self._in_method_order(sparse)
         parts = ordered.split([len(m.features) for m in self.methods])
         physical = concat_remapped([m.remap(p) for m, p in zip(self.methods, parts)])
         pooled = self.lookup(physical.values().long(), kjt_offsets(physical), physical.weights_or_none())
         if self._gather is not None:
-            out = _PermuteColumns.apply(pooled, self._gather, self._scatter)
-            return out.view(-1, len(self.features), self.dim)
+            return _PermuteColumns.apply(pooled, self._gather, self._scatter)
         by_key = dict(zip((k for k, _ in self.keys), pooled.split(self._key_dims, 1)))
-        out = torch.cat([m.combine({k: by_key[k] for k, _ in m.lookups()}) for m in self.methods], dim=1)
-        return self._in_feature_order(out)
+        outs = [m.combine({k: by_key[k] for k, _ in m.lookups()}) for m in self.methods]
+        if self.dim is not None:
+            return self._in_feature_order(torch.cat(outs, dim=1)).flatten(1)
+        out = torch.cat([o.flatten(1) for o in outs], dim=1)
+        ordered_columns = self._output_columns == sorted(self._output_columns)
+        return out if ordered_columns else out[:, self._output_columns]
 
 
 class _PermuteColumns(torch.autograd.Function):

@@ -4,14 +4,18 @@
                                            compression={"method": "hash", "ratio": 10})
     ebc(kjt) -> KeyedTensor  # keyed by feature name, in TorchRec's order
 
-Each logical table (an EmbeddingBagConfig) is one FeatureSpec that a compression method solves;
-each of its feature names reads it. forward = the methods' remap (raw ids in [0, num_embeddings)
-→ physical rows) → ONE inner TorchRec EmbeddingBagCollection over the physical tables → the
-methods' combine. Since the inner module is a plain TorchRec EBC, DistributedModelParallel
-shards it with TorchRec's own sharders and planner; build with device="meta" for DMP, as for
-a TorchRec EBC. Row-wise Adagrad is fused into its backward (`apply_optimizer_in_backward`), so
-under DMP its state is in `model.fused_optimizer`; unsharded, `fused_optimizer()` gives the
-per-table optimizers and a dense optimizer should take `in_backward_optimizer_filter(...)`.
+Each logical table (an EmbeddingBagConfig) is one FeatureSpec that a compression method solves,
+and the whole is the pooled collection (remap → one lookup → combine) over a TorchRecLookup:
+ONE inner TorchRec EmbeddingBagCollection over the physical tables (`lookup.ebc`). Since that is
+a plain TorchRec EBC, DistributedModelParallel shards it with TorchRec's own sharders and
+planner; build with device="meta" for DMP, as for a TorchRec EBC. Row-wise Adagrad is fused into
+its backward (`apply_optimizer_in_backward`), so under DMP its state is in
+`model.fused_optimizer`; unsharded, `fused_optimizer()` gives the per-table optimizers and a
+dense optimizer should take `in_backward_optimizer_filter(...)`.
+
+Several feature names of one table read it as a batch: feature j of every table is bags
+j·B … (j+1)·B of the collection's input (empty bags where a table has fewer features), so the
+methods and the lookup see one batch of J·B, J the most feature names of any table.
 
 Frequency-aware methods (mixed_dim blocks, frequency-aware qr) need per-id counts (`counts`, or
 a `sample` KJT to count): the most frequent ids are moved to the front (FrequencyOrder, whose
@@ -27,19 +31,20 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor, PoolingType
 
+from embtables.collection import PooledEmbeddingCollection, lookup_layout
 from embtables.frequency_order import FrequencyOrder, count_ids
 from embtables.kernels.lookup import seeded_initial_weights
 from embtables.kernels.optimizer import RowwiseAdagrad
-from embtables.methods.base import Method, concat_remapped
+from embtables.kernels.torchrec_lookup import TorchRecLookup
+from embtables.methods.base import Method
 from embtables.methods.build import build_methods
 from embtables.specs import FeatureSpec
-from embtables.torchrec_tables import TorchRecTables
 
 # Options that make a frequency-aware method frequency-agnostic, used when a table has no counts.
 AGNOSTIC = {"mixed_dim": {"mode": "feature"}, "qr": {"frequency_aware": False}}
 
 
-class CompressedEmbeddingBagCollection(nn.Module):
+class CompressedEmbeddingBagCollection(PooledEmbeddingCollection):
     """KJT of raw ids (keys = the tables' feature names) → KeyedTensor of pooled embeddings.
 
     compression: {"method": ..., "ratio": ..., **options} for every table, or {table name: that
@@ -52,66 +57,54 @@ class CompressedEmbeddingBagCollection(nn.Module):
                  device: torch.device | str | None = None, is_weighted: bool = False,
                  optimizer: RowwiseAdagrad | None = RowwiseAdagrad(), counts: dict | None = None,
                  sample: KeyedJaggedTensor | None = None, seed: int = 0):
-        super().__init__()
-        self._configs = list(tables)
-        self._is_weighted = is_weighted
-        self._check_tables()
-        self.feature_names = [f for t in self._configs for f in t.feature_names]
-        counts = _table_counts(self._configs, counts, sample)
-        specs = _table_specs(self._configs, compression or {"method": "full"})
-        self.frequency: dict[str, str] = {}
-        self.orders = nn.ModuleDict()
+        configs = list(tables)
+        _check_tables(configs)
+        counts = _table_counts(configs, counts, sample)
+        specs = _table_specs(configs, compression or {"method": "full"})
+        frequency: dict[str, str] = {}
+        orders: dict[str, FrequencyOrder] = {}
         features: dict[str, FeatureSpec] = {}
-        for t in self._configs:
+        for t in configs:
             spec = specs[t.name]
             method = spec.get("method", "full")
             if t.name in counts:
                 order, ratio = FrequencyOrder.fit(counts[t.name], t.embedding_dim, float(spec.get("ratio", 1.0)))
                 if order is not None:
-                    self.orders[t.name] = order
+                    orders[t.name] = order
                     spec["ratio"] = ratio
                 features[t.name] = FeatureSpec(t.name, t.num_embeddings, counts=order.reorder(counts[t.name])
                                                if order is not None else counts[t.name])
-                self.frequency[t.name] = "counts"
+                frequency[t.name] = "counts"
             else:
                 features[t.name] = FeatureSpec(t.name, t.num_embeddings)
                 agnostic = AGNOSTIC.get(method, {})
                 for k, v in agnostic.items():
                     spec.setdefault(k, v)
-                self.frequency[t.name] = "agnostic (no counts)" if agnostic else "not used"
-        blind = [n for n, how in self.frequency.items() if how.startswith("agnostic")]
+                frequency[t.name] = "agnostic (no counts)" if agnostic else "not used"
+        blind = [n for n, how in frequency.items() if how.startswith("agnostic")]
         if blind:
             warnings.warn(f"CompressedEmbeddingBagCollection: no per-id counts for tables {blind}; their "
                           f"frequency-aware methods use the frequency-agnostic form (pass counts= or sample=)")
         methods: list[Method] = []
-        for dim in sorted({t.embedding_dim for t in self._configs}):
-            group = [t.name for t in self._configs if t.embedding_dim == dim]
+        for dim in sorted({t.embedding_dim for t in configs}):
+            group = [t.name for t in configs if t.embedding_dim == dim]
             methods += build_methods([features[n] for n in group],
                                      {"dim": dim, "init_std": 0.01, "compression": {"method": "full"},
                                       "features": {n: {"compression": specs[n]} for n in group}})
-        self.methods = nn.ModuleList(methods)
-        configs = {t.name: t for t in self._configs}
-        # An instance (method, j) reads the j-th feature of each of the method's tables; tables
-        # with fewer features get empty bags there. One instance per method in the usual case.
-        self._instances = [(i, j) for i, m in enumerate(methods)
-                           for j in range(max(len(configs[n].feature_names) for n in m.feature_names))]
-        self._feature_of = {(i, j, n): configs[n].feature_names[j] for i, j in self._instances
-                            for n in methods[i].feature_names if j < len(configs[n].feature_names)}
-        self._rows = {t.name: t.num_embeddings for t in self._configs}
-        keys = [(f"{k}#{j}", table) for i, j in self._instances for k, table in methods[i].lookups()]
-        physical = [t for m in methods for t in m.physical_tables()]
-        self.tables = TorchRecTables(physical, keys, optimizer, device=device)
+        physical, keys, _ = lookup_layout(methods)
+        lookup = TorchRecLookup(physical, keys, optimizer, device=device)
         if torch.device(device or "cpu").type != "meta":
-            self.tables.load_weights(seeded_initial_weights(physical, seed))
-        self._mean = {f for t in self._configs if t.pooling == PoolingType.MEAN for f in t.feature_names}
-
-    def _check_tables(self) -> None:
-        names = [f for t in self._configs for f in t.feature_names]
-        if not self._configs or len(set(names)) != len(names):
-            raise ValueError(f"tables must be non-empty with unique feature names, got {names}")
-        for t in self._configs:
-            if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-                raise ValueError(f"table {t.name!r}: pooling {t.pooling} (SUM or MEAN only)")
+            lookup.load_weights(seeded_initial_weights(physical, seed))
+        dims = {t.embedding_dim for t in configs}
+        super().__init__([features[t.name] for t in configs], dims.pop() if len(dims) == 1 else None, methods,
+                         lookup)
+        self._configs = configs
+        self._is_weighted = is_weighted
+        self.feature_names = [f for t in configs for f in t.feature_names]
+        self.frequency = frequency
+        self.orders = nn.ModuleDict(orders)
+        self._instances = max(len(t.feature_names) for t in configs)  # J: the batch is stacked J times
+        self._mean = {f for t in configs if t.pooling == PoolingType.MEAN for f in t.feature_names}
 
     # --- TorchRec's EmbeddingBagCollection interface -----------------------------------------
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
@@ -127,65 +120,54 @@ class CompressedEmbeddingBagCollection(nn.Module):
         if missing:
             raise KeyError(f"CompressedEmbeddingBagCollection: input lacks features {missing}")
         batch = features.stride()
-        parts = [self._remap(i, j, jts, batch) for i, j in self._instances]
-        pooled = self.tables(concat_remapped(parts))
-        out: dict[str, torch.Tensor] = {}
-        for i, j in self._instances:
-            m = self.methods[i]
-            combined = m.combine({k: pooled[f"{k}#{j}"] for k, _ in m.lookups()})
-            for slot, n in enumerate(m.feature_names):
-                f = self._feature_of.get((i, j, n))
-                if f is not None:
-                    out[f] = combined[:, slot]
-        for f in self._mean:  # TorchRec's MEAN: the sum over the bag's ids / its length
-            out[f] = out[f] / jts[f].lengths().clamp(min=1).unsqueeze(1).to(out[f].dtype)
-        return KeyedTensor(keys=self.feature_names, length_per_key=[out[f].shape[1] for f in self.feature_names],
-                           values=torch.cat([out[f] for f in self.feature_names], dim=1))
+        out = self.flat(self._stacked(jts, batch, features.values().device))  # [J·B, Σ table dims]
+        pieces, col = [], 0
+        for t in self._configs:
+            for j, f in enumerate(t.feature_names):
+                piece = out[j * batch:(j + 1) * batch, col:col + t.embedding_dim]
+                if f in self._mean:  # TorchRec's MEAN: the sum over the bag's ids / its length
+                    piece = piece / jts[f].lengths().clamp(min=1).unsqueeze(1).to(piece.dtype)
+                pieces.append(piece)
+            col += t.embedding_dim
+        return KeyedTensor(keys=self.feature_names, length_per_key=[p.shape[1] for p in pieces],
+                           values=torch.cat(pieces, dim=1))
 
-    def _remap(self, i: int, j: int, jts: dict, batch: int) -> KeyedJaggedTensor:
-        """Instance (i, j)'s ids as the method's input (keys = its tables), remapped; keys get '#j'."""
-        m = self.methods[i]
+    def _stacked(self, jts: dict, batch: int, device: torch.device) -> KeyedJaggedTensor:
+        """The collection's input: per table (in its input order), feature j's bags at j·B, ids
+        checked and frequency-ordered; empty bags where the table has no feature j."""
+        configs = {t.name: t for t in self._configs}
         values, lengths, weights = [], [], []
-        for n in m.feature_names:
-            f = self._feature_of.get((i, j, n))
-            if f is None:
-                lengths.append(torch.zeros(batch, dtype=torch.int64))
-                continue
-            jt = jts[f]
-            ids = jt.values().long()
-            rows = self._rows[n]
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
-                bad = ids[(ids < 0) | (ids >= rows)][0].item()
-                raise IndexError(f"feature {f!r}: id {bad} is outside table {n!r}'s [0, {rows})")
-            values.append(self.orders[n](ids) if n in self.orders else ids)
-            lengths.append(jt.lengths().long())
-            if self._is_weighted:
-                weights.append(jt.weights())
-        device = lengths[0].device
-        ids = KeyedJaggedTensor(keys=m.feature_names, values=torch.cat(values) if values else
-                                torch.zeros(0, dtype=torch.int64, device=device), lengths=torch.cat(lengths),
-                                weights=torch.cat(weights) if self._is_weighted and weights else
-                                (torch.zeros(0, device=device) if self._is_weighted else None))
-        physical = m.remap(ids)
-        return KeyedJaggedTensor(keys=[f"{k}#{j}" for k in physical.keys()], values=physical.values(),
-                                 lengths=physical.lengths(), weights=physical.weights_or_none())
+        for n in self.input_keys:
+            names = configs[n].feature_names
+            for j in range(self._instances):
+                if j >= len(names):
+                    lengths.append(torch.zeros(batch, dtype=torch.int64, device=device))
+                    continue
+                jt = jts[names[j]]
+                ids = jt.values().long()
+                rows = configs[n].num_embeddings
+                if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+                    bad = ids[(ids < 0) | (ids >= rows)][0].item()
+                    raise IndexError(f"feature {names[j]!r}: id {bad} is outside table {n!r}'s [0, {rows})")
+                values.append(self.orders[n](ids) if n in self.orders else ids)
+                lengths.append(jt.lengths().long())
+                if self._is_weighted:
+                    weights.append(jt.weights())
+        return KeyedJaggedTensor(keys=self.input_keys, values=torch.cat(values), lengths=torch.cat(lengths),
+                                 weights=torch.cat(weights) if self._is_weighted else None)
 
     # --- training ------------------------------------------------------------------------------
     def fused_optimizer(self) -> dict[str, torch.optim.Optimizer]:
         """The per-table optimizers fused into backward (unsharded; under DMP: model.fused_optimizer)."""
-        return {t.name: self.tables.ebc.embedding_bags[t.name].weight._in_backward_optimizers[0]
-                for t in self.tables.tables
-                if hasattr(self.tables.ebc.embedding_bags[t.name].weight, "_in_backward_optimizers")}
+        bags = self.lookup.ebc.embedding_bags
+        return {t.name: bags[t.name].weight._in_backward_optimizers[0]
+                for t in self.tables if hasattr(bags[t.name].weight, "_in_backward_optimizers")}
 
     # --- accounting ----------------------------------------------------------------------------
     def embedding_bytes(self) -> int:
         """Every tensor the layer needs at inference: tables, method params, frequency orders."""
         order_bytes = sum(b.numel() * b.element_size() for o in self.orders.values() for b in o.buffers())
-        return sum(m.embedding_bytes() for m in self.methods) + order_bytes
-
-    def full_embedding_bytes(self) -> int:
-        """Bytes of the same tables uncompressed in fp32."""
-        return sum(t.num_embeddings * t.embedding_dim * 4 for t in self._configs)
+        return super().embedding_bytes() + order_bytes
 
     def compression_ratio(self) -> float:
         return self.full_embedding_bytes() / self.embedding_bytes()
@@ -204,6 +186,15 @@ class CompressedEmbeddingBagCollection(nn.Module):
                  "frequency": {n: self.frequency[n] for n in m.feature_names},
                  **({"hyperparameters": m.hyperparameters()} if m.hyperparameters() else {})}
                 for m in self.methods]
+
+
+def _check_tables(tables: list[EmbeddingBagConfig]) -> None:
+    names = [f for t in tables for f in t.feature_names]
+    if not tables or len(set(names)) != len(names):
+        raise ValueError(f"tables must be non-empty with unique feature names, got {names}")
+    for t in tables:
+        if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+            raise ValueError(f"table {t.name!r}: pooling {t.pooling} (SUM or MEAN only)")
 
 
 def _table_specs(tables: list[EmbeddingBagConfig], compression: dict) -> dict[str, dict]:

@@ -43,9 +43,9 @@ class PooledLookup(Protocol):
                 weights: torch.Tensor | None = None) -> torch.Tensor:  # [B, Σ key dims]
         ...
 
-    # State for checkpoints, by table name ("<table>.weight", "<table>.momentum"). A TorchRec-
-    # sharded lookup keeps per-rank shards instead (pipelines/train/dist_checkpoint.py) and an
-    # export's lookup has nothing to train.
+    # State for checkpoints, by table name ("<table>.weight", "<table>.momentum"). The TorchRec
+    # lookup (torchrec_lookup.py) keeps TorchRec's state instead: per-rank shards when sharded
+    # (pipelines/train/dist_checkpoint.py); an export's lookup has nothing to train.
     def lookup_state(self) -> dict[str, torch.Tensor]:
         ...
 

@@ -163,7 +163,7 @@ def _reference_and_sharded(rank, world, port, sets, sharding):
     import torch.distributed as dist
 
     from embtables.pipelines.train.build import build_model, resolve_inputs
-    from embtables.pipelines.train.sharding import ShardedLookup, load_full_tables, plan_sharding, shard_model
+    from embtables.pipelines.train.sharding import load_full_tables, plan_sharding, shard_model, sharded_lookup
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -174,7 +174,7 @@ def _reference_and_sharded(rank, world, port, sets, sharding):
     ref = build_model(cfg, inputs)
     torch.manual_seed(0)
     lr, eps = cfg["embedding"]["lr"], cfg["embedding"]["eps"]
-    model = build_model(cfg, inputs, sharded_lookup=lambda tables, keys: ShardedLookup(tables, keys, lr, eps))
+    model = build_model(cfg, inputs, sharded_lookup=lambda tables, keys: sharded_lookup(tables, keys, lr, eps))
     plan, sharders = plan_sharding(model, world, sharding, torch.device("cpu"), 64)
     dmp = shard_model(model, plan, sharders, torch.device("cpu"))
     weights = dict(zip([t.name for t in ref.embeddings.tables], ref.embeddings.lookup.table_weights()))

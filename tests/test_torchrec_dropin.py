@@ -101,7 +101,7 @@ def test_full_method_equals_torchrec_ebc_given_the_same_weights():
     ebc = ours.sparse_arch.embedding_bag_collection
     assert ebc.embedding_bag_configs() == tables
     with torch.no_grad():
-        for m, w in zip(ebc.methods, ebc.tables.table_weights()):
+        for m, w in zip(ebc.methods, ebc.lookup.table_weights()):
             theirs.sparse_arch.embedding_bag_collection.embedding_bags[m.feature_names[0]].weight.copy_(w)
     b = next(batches())
     kt = ebc(b.sparse_features)
@@ -131,7 +131,7 @@ def test_multiplexed_mean_combiner_equals_the_plain_collection(weighted):
     layer = ebc.methods[0]
     physical, _, key_tables = lookup_layout([layer])
     plain = PooledEmbeddingCollection(features, DIM, [layer], make_lookup(physical, key_tables, "torch"))
-    for mine, theirs in zip(ebc.tables.table_weights(), plain.lookup.table_weights()):
+    for mine, theirs in zip(ebc.lookup.table_weights(), plain.lookup.table_weights()):
         torch.testing.assert_close(mine, theirs)  # both seeded alike
     got = ebc(kjt(bags, ws)).values().view(4, 3, DIM)
     torch.testing.assert_close(got, plain(kjt(bags, ws)), rtol=0, atol=1e-6)
@@ -140,6 +140,50 @@ def test_multiplexed_mean_combiner_equals_the_plain_collection(weighted):
         "method": "multiplexed", "ratio": 10})(kjt({k: [[1], [2], [3], []] for k in KEYS[:3]}))
     first = (sums.values()[:3, :DIM] * (w / w.sum()).unsqueeze(1)).sum(0)  # bag [1, 2, 3] of feature 0
     torch.testing.assert_close(got[0, 0], first, rtol=0, atol=1e-6)
+
+
+def mixed_dim_tables() -> list[EmbeddingBagConfig]:
+    """Dims 12, 8, 12 in this order (the methods come grouped by dim: 8 first), one table shared."""
+    return [EmbeddingBagConfig(name="a", embedding_dim=12, num_embeddings=300, feature_names=["a0", "a1"]),
+            EmbeddingBagConfig(name="b", embedding_dim=8, num_embeddings=200, feature_names=["b0"]),
+            EmbeddingBagConfig(name="c", embedding_dim=12, num_embeddings=100, feature_names=["c0"],
+                               pooling=PoolingType.MEAN)]
+
+
+MIXED_BAGS = {"a0": [[1, 2], [], [299]], "a1": [[3], [4, 4], []], "b0": [[0], [199, 5], [7]], "c0": [[], [9], [1, 2, 3]]}
+
+
+def test_tables_of_different_dims_equal_torchrec_ebc_with_full_tables():
+    from helpers import kjt
+
+    ours = CompressedEmbeddingBagCollection(tables=mixed_dim_tables(), optimizer=None)
+    theirs = EmbeddingBagCollection(tables=mixed_dim_tables())
+    with torch.no_grad():
+        for m, w in zip(ours.methods, ours.lookup.table_weights()):  # full: one table per method
+            theirs.embedding_bags[m.feature_names[0]].weight.copy_(w)
+    got, ref = ours(kjt(MIXED_BAGS)), theirs(kjt(MIXED_BAGS))
+    assert got.keys() == ref.keys() == ["a0", "a1", "b0", "c0"] and got.length_per_key() == [12, 12, 8, 12]
+    torch.testing.assert_close(got.values(), ref.values(), rtol=0, atol=1e-6)
+
+
+def test_tables_of_different_dims_combine_as_each_table_alone():
+    """qr's multiplying combine (not a column gather) with dims that differ: every feature's
+    columns equal those of a collection holding its table alone (tables are seeded by name; fixed
+    collisions, so the sizes do not depend on the group)."""
+    from helpers import kjt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        both = CompressedEmbeddingBagCollection(tables=mixed_dim_tables(), optimizer=None,
+                                                compression={"method": "qr", "collisions": 5})
+        got = both(kjt(MIXED_BAGS)).to_dict()
+        for table in mixed_dim_tables():
+            alone = CompressedEmbeddingBagCollection(tables=[table], optimizer=None,
+                                                     compression={"method": "qr", "collisions": 5})
+            assert alone.methods[0].hyperparameters()["op"] == "mult"
+            ref = alone(kjt({f: MIXED_BAGS[f] for f in table.feature_names})).to_dict()
+            for f in table.feature_names:
+                torch.testing.assert_close(got[f], ref[f], rtol=0, atol=0)
 
 
 def test_counts_order_ids_and_without_counts_the_agnostic_form_is_said():

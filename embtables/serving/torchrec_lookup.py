@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec import EmbeddingBagConfig
 from torchrec.modules.embedding_configs import DataType
 
 from embtables.errors import ExportError
+from embtables.kernels.torchrec_lookup import pooled_in_key_order
 from embtables.serving.lookup import intnbit_weights
 from embtables.serving.quantize import dequantize_table
 
@@ -67,7 +68,5 @@ class TorchRecServingLookup(nn.Module):
 
     def forward(self, values: torch.Tensor, offsets: torch.Tensor,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-        weights = torch.ones(values.numel(), device=values.device) if per_sample_weights is None \
-            else per_sample_weights.float()
-        pooled = self.ebc(KeyedJaggedTensor(keys=self.keys, values=values, offsets=offsets, weights=weights)).to_dict()
-        return torch.cat([pooled[k][:, :d] for k, d in zip(self.keys, self.key_dims)], dim=1)
+        weights = None if per_sample_weights is None else per_sample_weights.float()
+        return pooled_in_key_order(self.ebc, self.keys, self.key_dims, values, offsets, weights)

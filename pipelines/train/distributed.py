@@ -312,8 +312,8 @@ def _worker(config: dict) -> None:
     from embtables.pipelines.train.dist_checkpoint import is_sharded_checkpoint, load_sharded
     from embtables.pipelines.train.precision import autocast_network
     from embtables.pipelines.train.build import build_model, resolve_inputs
-    from embtables.pipelines.train.sharding import (ShardedLookup, format_plan, load_full_tables, plan_sharding,
-                                                    plan_summary, shard_model)
+    from embtables.pipelines.train.sharding import (format_plan, load_full_tables, plan_sharding, plan_summary,
+                                                    shard_model, sharded_lookup)
     from embtables.pipelines.train.local import make_model_optimizer, run_metrics, train_loop
 
     _quiet_libraries()  # after the imports above: some libraries set their loggers up on import
@@ -327,7 +327,7 @@ def _worker(config: dict) -> None:
     inputs = resolve_inputs(cfg)
     torch.manual_seed(tcfg["seed"])  # same dense init on every rank (DDP also broadcasts rank 0's)
     lr, eps = cfg["embedding"]["lr"], cfg["embedding"]["eps"]
-    model = build_model(cfg, inputs, sharded_lookup=lambda tables, keys: ShardedLookup(tables, keys, lr, eps))
+    model = build_model(cfg, inputs, sharded_lookup=lambda tables, keys: sharded_lookup(tables, keys, lr, eps))
     plan, sharders = plan_sharding(model, world, tcfg["sharding"], device, _local_size(tcfg["batch_size"], 0, world))
     summary = plan_summary(plan, model.embeddings, world)
     dmp = shard_model(model, plan, sharders, device)

@@ -1,5 +1,5 @@
 """Sharded tables: the physical tables as one TorchRec EmbeddingBagCollection (the library's
-TorchRecTables, odd dims padded to 4), planned by the TorchRec planner and placed by
+TorchRecLookup, odd dims padded to 4), planned by the TorchRec planner and placed by
 DistributedModelParallel; the plan goes to DIR/plan.json.
 """
 from __future__ import annotations
@@ -8,34 +8,19 @@ import torch
 
 from embtables.errors import ConfigError
 from embtables.kernels import RowwiseAdagrad
+from embtables.kernels.torchrec_lookup import TorchRecLookup, padded_dim
 from embtables.specs import TableSpec
-from embtables.torchrec_tables import TorchRecTables, padded_dim
 
 CPU_SHARDING = ("table_wise", "column_wise")
 GPU_SHARDING = ("table_wise", "row_wise", "column_wise", "table_row_wise")
 FP32 = 4
 
 
-class ShardedLookup(TorchRecTables):
-    """A PooledLookup served by one TorchRec EBC: (values, offsets, weights) of the physical rows
-    → [B, Σ key dims] in key order, like every lookup.
-
-    Built on the meta device: DistributedModelParallel allocates only this rank's shards (its
-    state is those shards, written by dist_checkpoint). Row-wise Adagrad is fused into the
-    backward of each table (apply_optimizer_in_backward).
-    """
-
-    def __init__(self, tables: list[TableSpec], keys: list[tuple[str, str]], lr: float, eps: float):
-        super().__init__(tables, keys, RowwiseAdagrad(lr=lr, eps=eps), device="meta")
-        self.key_names = [k for k, _ in keys]
-
-    def forward(self, values: torch.Tensor, offsets: torch.Tensor,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
-        from torchrec import KeyedJaggedTensor
-
-        pooled = super().forward(KeyedJaggedTensor(keys=self.key_names, values=values, weights=weights,
-                                                   offsets=offsets))
-        return torch.cat([pooled[k] for k in self.key_names], dim=1)
+def sharded_lookup(tables: list[TableSpec], keys: list[tuple[str, str]], lr: float, eps: float) -> TorchRecLookup:
+    """The lookup DMP shards: built on the meta device, so DistributedModelParallel allocates only
+    this rank's shards (its state is those shards, written by dist_checkpoint); row-wise Adagrad
+    is fused into each table's backward."""
+    return TorchRecLookup(tables, keys, RowwiseAdagrad(lr=lr, eps=eps), device="meta")
 
 
 def allowed_sharding(sharding: str | None, device: torch.device) -> list[str]:

@@ -1,9 +1,12 @@
-"""Physical tables as ONE TorchRec EmbeddingBagCollection with row-wise Adagrad fused into backward.
+"""TorchRec's EmbeddingBagCollection as a PooledLookup: the physical tables as ONE TorchRec EBC,
+row-wise Adagrad fused into its backward.
 
 Used wherever TorchRec holds our tables: the drop-in CompressedEmbeddingBagCollection and the
-training job's sharded lookup. Because it is a plain TorchRec EBC, DistributedModelParallel
-finds and shards it with TorchRec's own sharders and planner, and the optimizer registered by
-`apply_optimizer_in_backward` becomes DMP's fused TBE optimizer (`model.fused_optimizer`).
+training job's sharded tables (pipelines/train/sharding.py builds it on the meta device).
+Because it holds a plain TorchRec EBC (`ebc`), DistributedModelParallel finds and shards it with
+TorchRec's own sharders and planner, and the optimizer registered by
+`apply_optimizer_in_backward` becomes DMP's fused TBE optimizer (`model.fused_optimizer`). Its
+state is TorchRec's (the EBC's state dict, the fused optimizer's; per-rank shards when sharded).
 
 Odd dims: FBGEMM TBE (the kernel behind every sharded table) needs dims that are multiples of
 4, and compressed methods produce any dim (mixed_dim blocks, low-rank factors, binary codes).
@@ -14,7 +17,7 @@ are scaled by sqrt(c) and the update is exactly the unpadded one.
 
 Always weighted: methods make per-sample weights in remap (multiplexed's mean combiner w/Σw,
 qr's per-factor weighting), and an unweighted TorchRec EBC ignores a KJT's weights. A weighted
-one requires them on every KJT, so a KJT without weights gets ones (the same sums).
+one requires them on every KJT, so calls without weights get ones (the same sums).
 """
 from __future__ import annotations
 
@@ -60,8 +63,19 @@ def table_configs(tables: list[TableSpec], keys: list[tuple[str, str]]) -> list[
                                pooling=PoolingType.SUM, init_fn=partial(_init, t)) for t in tables]
 
 
-class TorchRecTables(nn.Module):
-    """Physical KJT (one key per lookup key) → {lookup key: pooled [B, table dim]} via one TorchRec EBC.
+def pooled_in_key_order(ebc: nn.Module, keys: list[str], key_dims: list[int], values: torch.Tensor,
+                        offsets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """One call of a weighted TorchRec EBC (training or quantized; its feature names are `keys`)
+    on TBE-layout inputs → [B, Σ key dims] in key order, padding columns cut."""
+    if weights is None:
+        weights = torch.ones(values.numel(), device=values.device)
+    pooled = ebc(KeyedJaggedTensor(keys=keys, values=values, offsets=offsets, weights=weights)).to_dict()
+    return torch.cat([pooled[k][:, :d] for k, d in zip(keys, key_dims)], dim=1)
+
+
+class TorchRecLookup(nn.Module):
+    """A PooledLookup served by one TorchRec EBC: (values, offsets, weights) of the physical rows
+    → [B, Σ key dims] in key order; `keys` are (lookup key, table name), as lookup_layout gives.
 
     device "meta": nothing is allocated; DistributedModelParallel allocates this rank's shards.
     optimizer: row-wise Adagrad fused into the backward of every table (None: plain parameters).
@@ -74,7 +88,8 @@ class TorchRecTables(nn.Module):
         self.ebc = EmbeddingBagCollection(tables=table_configs(self.tables, keys), is_weighted=True,
                                           device=torch.device(device or "cpu"))
         dims = {t.name: t.dim for t in self.tables}
-        self.dims = {key: dims[t] for key, t in keys}  # pooled columns per lookup key
+        self.key_names = [key for key, _ in keys]
+        self.key_dims = [dims[t] for _, t in keys]  # pooled columns per lookup key
         if optimizer is not None:
             from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
             from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -100,10 +115,6 @@ class TorchRecTables(nn.Module):
         """The unsharded tables' real columns (views), in table order."""
         return [self.ebc.embedding_bags[t.name].weight[:, :t.dim] for t in self.tables]
 
-    def forward(self, physical: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        if physical.weights_or_none() is None:
-            physical = KeyedJaggedTensor(keys=physical.keys(), values=physical.values(), lengths=physical.lengths(),
-                                         weights=torch.ones(physical.values().numel(), device=physical.values().device))
-        pooled = self.ebc(physical).to_dict()
-        return {key: pooled[key][:, :d] if pooled[key].shape[1] != d else pooled[key]
-                for key, d in self.dims.items()}
+    def forward(self, values: torch.Tensor, offsets: torch.Tensor,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+        return pooled_in_key_order(self.ebc, self.key_names, self.key_dims, values, offsets, weights)
