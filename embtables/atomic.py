@@ -1,10 +1,11 @@
 """Atomic files and directories: built under a hidden sibling name, renamed in when complete.
 
 A crash at any point leaves either the previous state or the complete new one. Temporaries
-are named `.NAME.TAG-PID-RANDOM`, so the next writer of the same path tells a stale one (its
-process is dead) from one a live process is still building, and removes it (`clean_stale`).
-Every writer of the project (datasets, exports, predictions, checkpoints, JSON files) uses
-this module, so there is one way to write and one way to clean up.
+are named `.NAME.TAG-PID-RANDOM` (`temporaries` finds them), so the next writer of the same path
+tells a stale one (its process is dead) from one a live process is still building, and removes it
+(`clean_stale`); a training run's lock removes its own regardless of pid
+(pipelines/train/run_lock.py). Every writer of the project (datasets, exports, predictions,
+checkpoints, JSON files) uses this module, so there is one way to write and one way to clean up.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
-_TEMP = re.compile(r"(?P<tag>[a-z]+)-(?P<pid>\d+)-[0-9a-f]{8}")
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<tag>[a-z]+)-(?P<pid>\d+)-[0-9a-f]{8}")
 
 
 def temp_sibling(path: str | Path, tag: str) -> Path:
@@ -47,6 +48,21 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def temporaries(folder: str | Path, name: str | None = None) -> list[tuple[Path, str, int]]:
+    """This module's temporaries in `folder` (of the output `name`, or of any): (path, tag,
+    writer pid), in name order. A missing or unreadable folder has none."""
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except OSError:
+        return []
+    found = []
+    for p in entries:
+        m = _TEMP.fullmatch(p.name)
+        if m is not None and name in (None, m["name"]):
+            found.append((p, m["tag"], int(m["pid"])))
+    return found
+
+
 def clean_stale(path: str | Path) -> list[Path]:
     """Remove the temporaries beside `path` that a dead process left; returns what it removed.
 
@@ -54,17 +70,11 @@ def clean_stale(path: str | Path) -> list[Path]:
     of a swap (filesystems without an atomic exchange): when `path` is missing it is put back.
     """
     path = Path(path)
-    prefix = f".{path.name}."
     removed = []
-    try:
-        siblings = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
-    except OSError:  # no parent yet, or unreadable: nothing we could clean
-        return removed
-    for p in sorted(siblings):
-        m = _TEMP.fullmatch(p.name[len(prefix):])
-        if m is None or _alive(int(m["pid"])):
+    for p, tag, pid in temporaries(path.parent, path.name):
+        if _alive(pid):
             continue
-        if m["tag"] == "old" and not os.path.lexists(path):
+        if tag == "old" and not os.path.lexists(path):
             os.replace(p, path)
             continue
         remove(p)

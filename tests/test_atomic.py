@@ -57,6 +57,18 @@ def test_clean_stale_removes_dead_writers_temporaries_and_restores_a_parked_old(
     assert siblings(out) == sorted([live.name, ".d.notes"])
 
 
+def test_temporaries_reads_the_one_naming_of_any_output_or_one(tmp_path):
+    """What clean_stale (beside one output) and a run's lock (a whole folder) both read."""
+    for name in (".metrics.json.tmp-12-0123abcd", ".d.building-34-4567abcd", ".d.x.tmp-5-89abcdef",
+                 ".d.notes", "d.tmp-1-0123abcd", ".d.tmp-1-0123"):
+        (tmp_path / name).write_text("")
+    assert [(p.name, tag, pid) for p, tag, pid in atomic.temporaries(tmp_path)] == [
+        (".d.building-34-4567abcd", "building", 34), (".d.x.tmp-5-89abcdef", "tmp", 5),
+        (".metrics.json.tmp-12-0123abcd", "tmp", 12)]
+    assert [p.name for p, _, _ in atomic.temporaries(tmp_path, "d")] == [".d.building-34-4567abcd"]
+    assert atomic.temporaries(tmp_path / "missing") == []
+
+
 def test_write_json_atomic_cleans_and_leaves_nothing(tmp_path):
     path = tmp_path / "m.json"
     (tmp_path / f".m.json.tmp-{dead_pid()}-deadbeef").write_text("{")

@@ -26,6 +26,8 @@ from embtables.models import LOOKUP_PREFIX
 
 DIGESTS = "digests.json"
 KEEP = 2  # checkpoints kept per run: the newest and one to fall back to
+# A checkpoint being written: .tmp-step-N-PID, or .tmp-step-N for a sharded one (all ranks write it).
+TEMP_PREFIX = ".tmp-step-"
 
 
 class CorruptCheckpoint(EmbtablesError):
@@ -65,7 +67,7 @@ def restore_rng(state: dict | None) -> None:
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, position: dict) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    tmp = root / f"{TEMP_PREFIX}{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     state = {**model_state(model), "optimizer": optimizer.state_dict() if optimizer else None,
              "position": position, "step": step, "rng": rng_state()}

@@ -43,12 +43,12 @@ def save_sharded(run_dir: Path, step: int, dmp, optimizer, position: dict, consu
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     import torch.distributed.checkpoint as dcp
 
-    from embtables.pipelines.train.checkpoint import publish, save_torch
+    from embtables.pipelines.train.checkpoint import TEMP_PREFIX, publish, save_torch
 
     rank = dist.get_rank()
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
+    tmp = root / f"{TEMP_PREFIX}{step:08d}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,7 +5,8 @@ never blocks the next command. Whoever holds the lock is the only writer, so any
 finds (a half-written checkpoint or file of a killed process) is stale and is removed: training
 does it for the whole run (`run_lock`), and commands that read a run (eval, export) do it when
 no training holds the lock (`clean_run`). Temporaries beside a single output path (exports,
-predictions, datasets) are cleaned by their writer through embtables.atomic.clean_stale.
+predictions, datasets) are cleaned by their writer through embtables.atomic.clean_stale, which
+reads the same names (embtables.atomic.temporaries) but asks whether the writer's pid is alive.
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from embtables.atomic import remove
+from embtables.atomic import remove, temporaries
 from embtables.errors import EmbtablesError
+from embtables.pipelines.train.checkpoint import TEMP_PREFIX
 
 LOCK_FILE = "run.lock"
 # Where a training writes temporaries: the run, its checkpoints, and OptEmbed's stage dirs.
 TEMP_DIRS = (".", "checkpoints", "supernet", "supernet/checkpoints", "search")
-TEMP_PATTERNS = (".tmp-step-*", ".*.tmp-*", ".*.writing-*")  # checkpoints, JSON, atomic_file
+TRAINING_TAGS = ("tmp", "writing")  # embtables.atomic's JSON files and atomic_file outputs
 
 
 @contextmanager
@@ -59,11 +61,15 @@ def _exclusive(run_dir: Path):
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Temporaries of killed processes (call only while holding the lock)."""
+    """Temporaries of killed processes (call only while holding the lock): checkpoints being
+    written and atomic files, whatever their pid (the lock says no training writes, and a rank
+    on another node has a pid that means nothing here)."""
     removed = []
     for sub in TEMP_DIRS:
-        for pattern in TEMP_PATTERNS:
-            for path in (Path(run_dir) / sub).glob(pattern):
-                remove(path)
-                removed.append(path)
+        folder = Path(run_dir) / sub
+        stale = sorted(folder.glob(f"{TEMP_PREFIX}*"))
+        stale += [path for path, tag, _ in temporaries(folder) if tag in TRAINING_TAGS]
+        for path in stale:
+            remove(path)
+            removed.append(path)
     return removed
