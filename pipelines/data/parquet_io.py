@@ -142,6 +142,26 @@ def iter_batches(pf: pq.ParquetFile, path: Path, columns: list[str], batch_rows:
 
 # ---------------------------------------------------------------- Parquet writes
 
+def page_options(schema: pa.Schema) -> dict:
+    """ParquetWriter options: integer columns (ids, or lists of them) delta-bit-packed and not
+    compressed, the rest plain + snappy; no dictionary pages anywhere.
+
+    Ids are a dense, frequency-ordered code, so a dictionary only costs time and bytes. On the
+    4M-row benchmark's encoded files (1M rows, 26 id + 14 float columns), delta-bit-packed ids
+    against plain + snappy: write 0.29 vs 0.47 CPU s, read 0.10 vs 0.31 CPU s, 96 vs 132 MB
+    (snappy on bit-packed ids saves 0.2%; snappy was a ninth of the whole ingest's CPU time).
+    """
+    encoding, compression = {}, {}
+    for field in schema:
+        listed = pa.types.is_list(field.type) or pa.types.is_large_list(field.type)
+        leaf = f"{field.name}.list.element" if listed else field.name  # Parquet's column path
+        if pa.types.is_integer(field.type.value_type if listed else field.type):
+            encoding[leaf], compression[leaf] = "DELTA_BINARY_PACKED", "none"
+        else:
+            compression[leaf] = "snappy"
+    return {"use_dictionary": False, "column_encoding": encoding, "compression": compression}
+
+
 class PartWriter:
     """Writes `DIR/part-00000.parquet, ...`: row groups of ROW_GROUP_ROWS, files of FILE_ROWS."""
 
@@ -182,9 +202,7 @@ class PartWriter:
             if self._writer is not None:
                 self._writer.close()
             path = self.directory / f"part-{len(self.files):05d}.parquet"
-            # No dictionary pages: the ids are already a dense, frequency-ordered code, so a
-            # dictionary only costs time (3x the write) and bytes.
-            self._writer = pq.ParquetWriter(path, self.schema, use_dictionary=False)
+            self._writer = pq.ParquetWriter(path, self.schema, **page_options(self.schema))
             self.files.append(path)
             self._file_rows = 0
         self._writer.write_table(head, row_group_size=n)
