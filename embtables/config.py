@@ -132,7 +132,7 @@ def apply_override(raw: dict, assignment: str) -> None:
     node[parts[-1]] = parse_value(text)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: Path | None = None) -> dict:
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
     """The validated config: file (if any) + overrides, merged over DEFAULTS."""
     raw: dict = {}
     if path is not None:

@@ -90,7 +90,7 @@ def resolve_backend(backend: str, device: str | torch.device = "cpu", triton_ok:
     return backend
 
 
-def table_backends(tables: list[TableSpec], backend: str, device: str | torch.device = "cpu") -> list[str]:
+def table_backends(tables: list[TableSpec], backend: str) -> list[str]:
     """The kernel serving each table for a resolved pooled backend: TBE takes the tables whose
     dims it supports (multiples of 4), the torch reference the rest."""
     if backend == "cpu_fused" and not cpu_fused_available():
@@ -109,7 +109,7 @@ def make_lookup(tables: list[TableSpec], key_tables: list[int] | None = None, ba
     if backend == "triton":
         raise ConfigError("the Triton lookup reads raw ids; build it with the methods (FusedMethodEmbeddings)")
     kind = resolve_backend(backend, device)
-    return TableGroupLookup(tables, table_backends(tables, kind, device), key_tables, optimizer, seed, device)
+    return TableGroupLookup(tables, table_backends(tables, kind), key_tables, optimizer, seed, device)
 
 
 class TableGroupLookup(TableStateMixin, nn.Module):
