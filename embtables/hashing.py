@@ -5,6 +5,8 @@ The mixer is splitmix64's finaliser (Steele et al.), written once (`_finalise`) 
 numpy uint64 and Python ints; the Triton kernels hold the device copy (kernels/triton/kernels.py).
 torch's int64 multiply wraps modulo 2^64 like an unsigned one would, but `>>` on a negative int64
 is arithmetic (it copies the sign bit), so every torch right shift is masked to make it logical.
+torch itself is never imported here: the ingest uses the numpy half, and importing torch would
+cost it ~2.5 CPU seconds and ~0.5 GB.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def signed64(x: int) -> int:
     return x - (1 << 64) if x >> 63 else x
 
 
-def _shr(z: "torch.Tensor", k: int) -> torch.Tensor:
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
     """Logical right shift of int64 bit patterns."""
     return (z >> k) & ((1 << (64 - k)) - 1)
 
@@ -72,9 +74,7 @@ def salted_hash(ids: torch.Tensor, salt: int | torch.Tensor) -> torch.Tensor:
     tensor with one salt per id (many features hashed in one call). Reduce with `% m`
     afterwards: with 63 bits the modulo bias is below m / 2^63.
     """
-    import torch  # here, not at the top: the ingest uses this module's numpy half without torch
-
-    salted = mix64(salt.long()) if isinstance(salt, torch.Tensor) else mixed_salt(salt)
+    salted = mixed_salt(int(salt)) if isinstance(salt, (int, np.integer)) else mix64(salt.long())
     return mix64(ids.long() * signed64(GOLDEN) + salted) & _MASK63
 
 
