@@ -1,4 +1,6 @@
 """The compiled CPU lookup equals the torch reference: outputs, gradients, weights and state."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -286,3 +288,14 @@ def test_auto_picks_cpu_fused_on_cpu_only():
     assert resolve_backend("auto", "cuda") != "cpu_fused"  # GPUs: TBE, Triton or torch
     with pytest.raises(ConfigError, match="CPU only"):
         resolve_backend("cpu_fused", "cuda")
+
+
+@needs_cpu_fused
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_the_kernels_share_torchs_openmp_runtime():
+    """One OpenMP runtime in the process: the kernels' threads are torch's (a second runtime
+    would bring a second pool competing with torch's for the cores)."""
+    assert cpu_fused._library() is not None
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "gomp" in line.rsplit("/", 1)[-1] or "iomp" in line}
+    assert len(runtimes) <= 1, runtimes
