@@ -56,6 +56,7 @@ class EmbeddingLayer(nn.Module):
         dims = [m.dim for m in methods for _ in m.features]
         starts = torch.tensor([0] + dims).cumsum(0).tolist()
         self._output_columns = [c for i in self._output_order for c in range(starts[i], starts[i] + dims[i])]
+        self._reorders_columns = self._output_columns != sorted(self._output_columns)
 
     @property
     def input_keys(self) -> list[str]:
@@ -147,8 +148,7 @@ class PooledEmbeddingCollection(EmbeddingLayer):
         if self.dim is not None:
             return self._in_feature_order(torch.cat(outs, dim=1)).flatten(1)
         out = torch.cat([o.flatten(1) for o in outs], dim=1)
-        ordered_columns = self._output_columns == sorted(self._output_columns)
-        return out if ordered_columns else out[:, self._output_columns]
+        return out[:, self._output_columns] if self._reorders_columns else out
 
 
 class _PermuteColumns(torch.autograd.Function):

@@ -99,6 +99,7 @@ class CompressedEmbeddingBagCollection(PooledEmbeddingCollection):
         super().__init__([features[t.name] for t in configs], dims.pop() if len(dims) == 1 else None, methods,
                          lookup)
         self._configs = configs
+        self._config_of = {t.name: t for t in configs}
         self._is_weighted = is_weighted
         self.feature_names = [f for t in configs for f in t.feature_names]
         self.frequency = frequency
@@ -135,7 +136,7 @@ class CompressedEmbeddingBagCollection(PooledEmbeddingCollection):
     def _stacked(self, jts: dict, batch: int, device: torch.device) -> KeyedJaggedTensor:
         """The collection's input: per table (in its input order), feature j's bags at j·B, ids
         checked and frequency-ordered; empty bags where the table has no feature j."""
-        configs = {t.name: t for t in self._configs}
+        configs = self._config_of
         values, lengths, weights = [], [], []
         for n in self.input_keys:
             names = configs[n].feature_names
@@ -178,7 +179,7 @@ class CompressedEmbeddingBagCollection(PooledEmbeddingCollection):
 
     def describe(self) -> list[dict]:
         """Per method: tables, their features, physical tables, bytes, hyperparameters, frequency use."""
-        configs = {t.name: t for t in self._configs}
+        configs = self._config_of
         return [{"method": m.name, "tables": m.feature_names,
                  "features": [f for n in m.feature_names for f in configs[n].feature_names],
                  "physical_tables": [{"name": t.name, "rows": t.rows, "dim": t.dim} for t in m.physical_tables()],

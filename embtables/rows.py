@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import torch
 from torchrec import KeyedJaggedTensor
 
-from embtables.arrow_sparse import flatten  # noqa: F401  (torch-free, so the ingest need not import torch)
+from embtables.arrow_sparse import flatten
 from embtables.errors import DataError
 
 # Dense features are heavy-tailed counts; the export manifest records this string.

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from embtables.arrow_sparse import flatten
 from embtables.errors import DataError
-from embtables.rows import Batch, checked_ids, dense_features, flatten, to_kjt
+from embtables.rows import Batch, checked_ids, dense_features, to_kjt
 
 
 class RowEncoder:
