@@ -14,7 +14,6 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import torch
-from torchrec import KeyedJaggedTensor
 
 from embtables.errors import ConfigError
 from embtables.pipelines.data.parquet_io import open_parquet, read_row_group
@@ -88,18 +87,12 @@ class _Rows:
                              [np.concatenate([p.multi_values[i] for p in parts]) for i in range(n)])
 
     def to_batch(self, keys: list[str]) -> Batch:
-        n = len(self)
-        if not self.multi_lengths:  # all single-hot: the block's transpose is the KJT's values
-            values = torch.from_numpy(np.ascontiguousarray(self.single.T).reshape(-1))
-            sparse = KeyedJaggedTensor(keys=list(keys), values=values,
-                                       lengths=torch.ones(n * len(keys), dtype=torch.int32))
-        else:
-            ones = np.ones(n, dtype=np.int32)
-            sparse = to_kjt(keys, [self.single[:, i] if kind == "single" else self.multi_values[i]
-                                   for kind, i in self.slots],
-                            [ones if kind == "single" else self.multi_lengths[i] for kind, i in self.slots])
+        ones = np.ones(len(self), dtype=np.int32)
+        sparse = to_kjt(keys, [self.single[:, i] if kind == "single" else self.multi_values[i]
+                               for kind, i in self.slots],
+                        [ones if kind == "single" else self.multi_lengths[i] for kind, i in self.slots])
         return Batch(label=torch.from_numpy(np.ascontiguousarray(self.label)),
-                     dense=torch.from_numpy(np.ascontiguousarray(self.dense)), sparse=sparse, rows=n)
+                     dense=torch.from_numpy(np.ascontiguousarray(self.dense)), sparse=sparse, rows=len(self))
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
