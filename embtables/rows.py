@@ -3,6 +3,7 @@ the batch type, the dense transform and the checked decoding of sparse id column
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 import pyarrow as pa
@@ -26,12 +27,14 @@ class Batch:
     hashes: np.ndarray | None = None    # Ray Data's uint64 row_hash per row (exactly-once bookkeeping)
 
 
-def dense_features(table, names: list[str], where: str, row0: int = 0) -> np.ndarray:
-    """[rows, len(names)] float32 through DENSE_TRANSFORM; inf (or beyond float32) is a DataError."""
+def dense_features(table, names: list[str], where: str, row0: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+    """[rows, len(names)] float32 through DENSE_TRANSFORM (into `out` if given); inf (or beyond
+    float32) is a DataError."""
     if not names:
-        return np.zeros((table.num_rows, 0), dtype=np.float32)
+        return np.zeros((table.num_rows, 0), dtype=np.float32) if out is None else out
     with np.errstate(over="ignore"):  # beyond float32 becomes inf, reported below
-        x = np.stack([table.column(n).to_numpy(zero_copy_only=False).astype(np.float32) for n in names], 1)
+        x = np.stack([table.column(n).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+                      for n in names], 1, out=out)
     bad = np.isinf(x)
     if bad.any():
         i, j = map(int, np.argwhere(bad)[0])
@@ -44,10 +47,14 @@ def dense_features(table, names: list[str], where: str, row0: int = 0) -> np.nda
 def checked_ids(flat: pa.Array, lengths: np.ndarray, name: str, rows: int, where: str,
                 row0: int = 0) -> np.ndarray:
     """Flat int ids as int64, each in [0, rows); else a DataError naming the row."""
+    if not pa.types.is_integer(flat.type):
+        raise DataError(f"{where}: column {name!r} holds {flat.type} values, not encoded int ids")
     if flat.null_count:
         ids, bad = None, flat.is_null().to_numpy(zero_copy_only=False)
     else:
-        ids = flat.to_numpy(zero_copy_only=False)
+        ids = flat.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        if not len(ids) or ids.view(np.uint64).max() < rows:  # one pass: a negative id reads as huge
+            return ids
         bad = (ids < 0) | (ids >= rows)
     if bad.any():
         j = int(np.flatnonzero(bad)[0])
@@ -64,7 +71,21 @@ def sparse_ids(col, name: str, rows: int, where: str, row0: int = 0) -> tuple[np
 
 
 def to_kjt(keys: list[str], values: list[np.ndarray], lengths: list[np.ndarray]) -> KeyedJaggedTensor:
-    return KeyedJaggedTensor(
-        keys=list(keys),
-        values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-        lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)))
+    """Per-key ids and per-row lengths → a KJT (see flat_kjt)."""
+    if not keys:
+        return KeyedJaggedTensor(keys=[], values=torch.zeros(0, dtype=torch.long),
+                                 lengths=torch.zeros(0, dtype=torch.int32))
+    return flat_kjt(keys, np.concatenate(values), np.concatenate(lengths), [len(v) for v in values])
+
+
+def flat_kjt(keys: list[str], values: np.ndarray, lengths: np.ndarray, per_key: list[int],
+             offsets: np.ndarray | None = None) -> KeyedJaggedTensor:
+    """Key-major ids, per-row lengths (and their offsets, if known) and ids per key → a KJT
+    that carries its offsets and per-key lengths, so neither ordering it (jagged.order_keys) nor
+    splitting it by key computes them again."""
+    if offsets is None:
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+    return KeyedJaggedTensor(keys=list(keys), values=torch.from_numpy(values), lengths=torch.from_numpy(lengths),
+                             offsets=torch.from_numpy(offsets), stride=len(lengths) // len(keys),
+                             length_per_key=per_key, offset_per_key=list(accumulate(per_key, initial=0)))

@@ -137,3 +137,54 @@ def test_a_relative_dataset_path_reads_the_same_rows(dataset, monkeypatch, worke
     monkeypatch.chdir(dataset.parent)
     got = row_ids(iterate_batches(dataset.name, "train", 64, shuffle=False, workers=workers))
     assert got == expected
+
+
+def test_a_list_column_where_stats_say_single_hot_names_file_and_column(dataset, tmp_path):
+    import shutil
+
+    bad = tmp_path / "listed"
+    shutil.copytree(dataset, bad)
+    part = bad / "train" / "part-00000.parquet"
+    t = pq.read_table(part)
+    listed = pa.array([[int(v)] for v in t["a"].to_numpy()])
+    pq.write_table(t.set_column(t.schema.get_field_index("a"), "a", listed), part, row_group_size=64)
+    with pytest.raises(DataError, match=r"part-00000.parquet: column 'a' holds lists, but stats.json says"):
+        list(iterate_batches(bad, "train", 32, shuffle=False))
+
+
+def test_ids_of_tables_beyond_int32_read_the_same(dataset, tmp_path):
+    """The reader keeps single-hot ids as int32 where every table fits, int64 otherwise: same batches."""
+    import json
+    import shutil
+
+    wide = tmp_path / "wide"
+    shutil.copytree(dataset, wide)
+    stats = json.loads((wide / "stats.json").read_text())
+    stats["features"]["a"]["rows"] = 2 ** 31 + 7
+    (wide / "stats.json").write_text(json.dumps(stats))
+    for narrow, wide_ in zip(iterate_batches(dataset, "train", 96, shuffle=True, seed=5),
+                             iterate_batches(wide, "train", 96, shuffle=True, seed=5)):
+        for x, y in ((narrow.label, wide_.label), (narrow.dense, wide_.dense),
+                     (narrow.sparse.values(), wide_.sparse.values()), (narrow.sparse.offsets(), wide_.sparse.offsets())):
+            assert torch.equal(x, y)
+        assert narrow.sparse.values().dtype == torch.int64
+
+
+def test_single_hot_batches_carry_offsets_and_per_key_lengths(tmp_path):
+    """A single-hot-only dataset takes the one-block path: its KJT is complete as it leaves the reader."""
+    r = np.arange(300)
+    pq.write_table(pa.table({"y": r % 2, "x": r.astype(np.float64), "a": r % 7, "b": r % 11}), tmp_path / "t.parquet")
+    ds = prepare_parquet(tmp_path / "t.parquet", None, label="y", dense=["x"], sparse=["a", "b"], out=tmp_path / "ds",
+                         row_group=64)
+    vocab = {k: pq.read_table(ds / "vocab" / f"{k}.parquet")["value"].to_pylist() for k in ("a", "b")}
+    seen = []
+    for batch in iterate_batches(ds, "train", 50, shuffle=True, seed=1):
+        kjt = batch.sparse
+        n = batch.rows
+        assert kjt.offsets_or_none() is not None and kjt.offsets().tolist() == list(range(2 * n + 1))
+        assert kjt.length_per_key() == [n, n] and kjt.lengths().tolist() == [1] * (2 * n)
+        rid = np.rint(np.expm1(batch.dense[:, 0].double().numpy())).astype(int)
+        assert [vocab["a"][i] for i in kjt["a"].values().tolist()] == (rid % 7).tolist()
+        assert [vocab["b"][i] for i in kjt["b"].values().tolist()] == (rid % 11).tolist()
+        seen += rid.tolist()
+    assert len(set(seen)) == len(seen) == load_stats(ds)["splits"]["train"]["rows"] > 200  # 10% held out

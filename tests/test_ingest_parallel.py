@@ -58,7 +58,7 @@ def test_threads_write_the_same_bytes_as_one_worker(tmp_path):
     assert len(serial) > 6  # vocab files, several train/valid parts, stats.json
 
 
-def test_encoded_pages_ids_delta_bit_packed_floats_snappy(tmp_path):
+def test_encoded_pages_ids_delta_bit_packed_floats_byte_stream_split_lz4(tmp_path):
     out = encode(raw_files(tmp_path, n_files=1), tmp_path / "o", workers=1)
     part = sorted((out / "train").glob("*.parquet"))[0]
     meta = pq.ParquetFile(part).metadata.row_group(0)
@@ -67,7 +67,7 @@ def test_encoded_pages_ids_delta_bit_packed_floats_snappy(tmp_path):
     for ids in ("i", "s", "t", "m.list.element"):  # every id column, the multi-hot one's values too
         assert "DELTA_BINARY_PACKED" in pages[ids][0] and pages[ids][1] == "UNCOMPRESSED", ids
     for floats in ("y", "x"):
-        assert "DELTA_BINARY_PACKED" not in pages[floats][0] and pages[floats][1] == "SNAPPY", floats
+        assert "BYTE_STREAM_SPLIT" in pages[floats][0] and pages[floats][1] == "LZ4", floats
     assert not any(meta.column(i).has_dictionary_page for i in range(meta.num_columns))
     rows = pq.read_table(out / "train").to_pydict()  # and they read back as ids (40 values + OOV)
     assert max(rows["i"]) <= 40 and all(isinstance(v, list) for v in rows["m"])

@@ -31,7 +31,24 @@ def test_sparse_ids_of_single_and_multi_hot_columns():
     assert kjt.keys() == ["m"] and kjt.values().tolist() == [1, 2, 3] and kjt.lengths().tolist() == [2, 0, 1]
 
 
-@pytest.mark.parametrize("column, bad", [(pa.array([[1], [2, 9]]), "has id 9"), (pa.array([1, None]), "has id None")])
+def test_to_kjt_carries_offsets_and_per_key_lengths():
+    """Filled in by the reader, so ordering and splitting the KJT compute nothing again."""
+    kjt = to_kjt(["s", "m"], [np.array([3, 0, 2]), np.array([1, 2, 3, 0])],
+                 [np.ones(3, np.int32), np.array([2, 0, 2], np.int32)])
+    assert kjt.offsets_or_none().tolist() == [0, 1, 2, 3, 5, 5, 7]
+    assert kjt.length_per_key() == [3, 4] and kjt.offset_per_key() == [0, 3, 7] and kjt.stride() == 3
+    assert kjt["m"].values().tolist() == [1, 2, 3, 0] and kjt["m"].lengths().tolist() == [2, 0, 2]
+    empty = to_kjt([], [], [])
+    assert empty.keys() == [] and empty.values().numel() == 0
+
+
+def test_string_ids_in_an_encoded_column_are_a_data_error():
+    with pytest.raises(DataError, match=r"t: column 'c' holds string values, not encoded int ids"):
+        sparse_ids(pa.array(["a", "b"]), "c", 4, "t")
+
+
+@pytest.mark.parametrize("column, bad", [(pa.array([[1], [2, 9]]), "has id 9"), (pa.array([1, None]), "has id None"),
+                                         (pa.array([1, -3]), "has id -3")])
 def test_bad_ids_name_the_row(column, bad):
     with pytest.raises(DataError, match=rf"t: row 101: column 'c' {bad}, outside \[0, 4\)"):
         sparse_ids(column, "c", 4, "t", row0=100)

@@ -5,6 +5,7 @@ of an epoch is a pure function of (seed, epoch, shard), so `start_row` can resum
 """
 from __future__ import annotations
 
+import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from embtables.errors import ConfigError
+from embtables.errors import ConfigError, DataError
 from embtables.pipelines.data.parquet_io import open_parquet, read_row_group
 from embtables.pipelines.data.encode import load_stats
-from embtables.rows import Batch, dense_features, sparse_ids, to_kjt
+from embtables.rows import Batch, dense_features, flat_kjt, sparse_ids, to_kjt
 
 BUFFER_ROW_GROUPS = 4  # rows are shuffled within this many row groups
 
@@ -64,8 +65,10 @@ class _Rows:
             starts = np.repeat(offs[:-1][idx], new_len)
             within = np.arange(new_len.sum()) - np.repeat(_offsets(new_len)[:-1], new_len)
             values.append(vals[starts + within])
-        return self._new(self.label[idx], self.dense[idx], self.single[idx],
-                         [lengths[idx] for lengths in self.multi_lengths], values)
+        # np.take, not fancy indexing: 3x faster on row blocks (50 vs 150 us for 2048 x 26 ids)
+        return self._new(np.take(self.label, idx), np.take(self.dense, idx, axis=0),
+                         np.take(self.single, idx, axis=0), [lengths[idx] for lengths in self.multi_lengths],
+                         values)
 
     def pick(self, order: np.ndarray | None, a: int, b: int) -> "_Rows":
         """Rows a..b of this block's epoch order: `order[a:b]` (shuffled), else rows a..b."""
@@ -87,12 +90,26 @@ class _Rows:
                              [np.concatenate([p.multi_values[i] for p in parts]) for i in range(n)])
 
     def to_batch(self, keys: list[str]) -> Batch:
-        ones = np.ones(len(self), dtype=np.int32)
-        sparse = to_kjt(keys, [self.single[:, i] if kind == "single" else self.multi_values[i]
-                               for kind, i in self.slots],
-                        [ones if kind == "single" else self.multi_lengths[i] for kind, i in self.slots])
+        # [n_single, rows] int64: each key's ids contiguous, as the KJT holds them (one pass that
+        # transposes and widens the block's ids)
+        single = np.empty(self.single.shape[::-1], dtype=np.int64)
+        np.copyto(single, self.single.T)
+        if not self.multi_values and keys:  # single-hot only: the block is the KJT's values already
+            lengths, offsets = _single_hot_layout(single.size)
+            sparse = flat_kjt(keys, single.reshape(-1), lengths, [len(self)] * len(keys), offsets)
+        else:
+            ones = np.ones(len(self), dtype=np.int32)
+            sparse = to_kjt(keys, [single[i] if kind == "single" else self.multi_values[i] for kind, i in self.slots],
+                            [ones if kind == "single" else self.multi_lengths[i] for kind, i in self.slots])
         return Batch(label=torch.from_numpy(np.ascontiguousarray(self.label)),
                      dense=torch.from_numpy(np.ascontiguousarray(self.dense)), sparse=sparse, rows=len(self))
+
+
+@functools.lru_cache(maxsize=4)
+def _single_hot_layout(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lengths (all 1) and offsets (0..n) of n single-hot ids, shared by every batch of that size:
+    written once, not per batch (a step's memory traffic evicts them, so writing them is not free)."""
+    return np.ones(n, dtype=np.int32), np.arange(n + 1, dtype=np.int64)
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
@@ -129,24 +146,41 @@ class _Reader:
                 row += n
         return units
 
-    def read(self, unit: _Unit) -> _Rows:
-        pf = self.file(unit.path)
-        t = read_row_group(pf, unit.path, unit.row_group, self.columns).slice(unit.start, unit.rows)
-        label = t.column(self.stats["label"]).to_numpy().astype(np.float32)
-        row0 = unit.file_row + unit.start
-        dense = dense_features(t, self.stats["dense"], str(unit.path), row0)
-        single, multi_lengths, multi_values, slots = [], [], [], []
-        for name in self.stats["sparse"]:
-            ids, lens = sparse_ids(t.column(name), name, self.stats["features"][name]["rows"], str(unit.path), row0)
-            if pa.types.is_list(t.schema.field(name).type):
-                slots.append(("multi", len(multi_lengths)))
-                multi_lengths.append(lens)
-                multi_values.append(ids)
-            else:
-                slots.append(("single", len(single)))
-                single.append(ids)
-        block = np.stack(single, 1) if single else np.zeros((len(label), 0), dtype=np.int64)
-        return _Rows(label, dense, block, multi_lengths, multi_values, slots)
+    def read(self, units: list[_Unit], pool: ThreadPoolExecutor | None) -> _Rows:
+        """The units' rows as one block, each unit decoded straight into its slice of arrays
+        allocated once for the whole buffer (no per-unit blocks to concatenate)."""
+        stats = self.stats
+        single_names = [k for k in stats["sparse"] if not stats["features"][k]["multi_hot"]]
+        multi_names = [k for k in stats["sparse"] if stats["features"][k]["multi_hot"]]
+        slots, counts = [], {"single": 0, "multi": 0}
+        for k in stats["sparse"]:
+            kind = "multi" if stats["features"][k]["multi_hot"] else "single"
+            slots.append((kind, counts[kind]))
+            counts[kind] += 1
+        starts = np.cumsum([0] + [u.rows for u in units])
+        label = np.empty(starts[-1], dtype=np.float32)
+        dense = np.empty((starts[-1], len(stats["dense"])), dtype=np.float32)
+        # int32 ids where every table fits: half the bytes to fill and to gather per batch
+        narrow = all(stats["features"][k]["rows"] <= np.iinfo(np.int32).max for k in single_names)
+        single = np.empty((starts[-1], len(single_names)), dtype=np.int32 if narrow else np.int64)
+
+        def fill(k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+            unit, a, b = units[k], starts[k], starts[k + 1]
+            where, row0 = str(unit.path), unit.file_row + unit.start
+            t = read_row_group(self.file(unit.path), unit.path, unit.row_group, self.columns)
+            t = t.slice(unit.start, unit.rows)
+            label[a:b] = t.column(stats["label"]).to_numpy()
+            dense_features(t, stats["dense"], where, row0, out=dense[a:b])
+            for j, name in enumerate(single_names):
+                if pa.types.is_list(t.schema.field(name).type) or pa.types.is_large_list(t.schema.field(name).type):
+                    raise DataError(f"{where}: column {name!r} holds lists, but stats.json says it is single-hot")
+                single[a:b, j] = sparse_ids(t.column(name), name, stats["features"][name]["rows"], where, row0)[0]
+            return [sparse_ids(t.column(name), name, stats["features"][name]["rows"], where, row0)
+                    for name in multi_names]
+
+        multi = list(pool.map(fill, range(len(units))) if pool else map(fill, range(len(units))))
+        return _Rows(label, dense, single, [np.concatenate([m[i][1] for m in multi]) for i in range(len(multi_names))],
+                     [np.concatenate([m[i][0] for m in multi]) for i in range(len(multi_names))], slots)
 
 
 def _shard(units: list[_Unit], rank: int, world: int) -> list[_Unit]:
@@ -198,7 +232,7 @@ def iterate_batches(dataset_dir, split: str, batch_size: int, *, shuffle: bool, 
             if skip >= n:  # resume: whole buffers before start_row are never read
                 skip -= n
                 continue
-            rows = _Rows.concat(list(pool.map(reader.read, group) if pool else map(reader.read, group)))
+            rows = reader.read(group, pool)
             # This buffer's epoch order is a permutation (shuffle) or the file order; each batch
             # gathers only its own rows, so the first batch leaves without a copy of the buffer.
             order = np.random.default_rng([seed, epoch, rank, b]).permutation(n) if shuffle else None
