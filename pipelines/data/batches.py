@@ -70,10 +70,6 @@ class _Rows:
                          np.take(self.single, idx, axis=0), [lengths[idx] for lengths in self.multi_lengths],
                          values)
 
-    def pick(self, order: np.ndarray | None, a: int, b: int) -> "_Rows":
-        """Rows a..b of this block's epoch order: `order[a:b]` (shuffled), else rows a..b."""
-        return self.slice(a, b) if order is None else self.take(order[a:b])
-
     def slice(self, a: int, b: int) -> "_Rows":
         return self._new(self.label[a:b], self.dense[a:b], self.single[a:b],
                          [lengths[a:b] for lengths in self.multi_lengths],
@@ -233,22 +229,21 @@ def iterate_batches(dataset_dir, split: str, batch_size: int, *, shuffle: bool, 
                 skip -= n
                 continue
             rows = reader.read(group, pool)
-            # This buffer's epoch order is a permutation (shuffle) or the file order; each batch
-            # gathers only its own rows, so the first batch leaves without a copy of the buffer.
-            order = np.random.default_rng([seed, epoch, rank, b]).permutation(n) if shuffle else None
+            if shuffle:  # the buffer in its epoch order, gathered at once: each batch is then a slice
+                rows = rows.take(np.random.default_rng([seed, epoch, rank, b]).permutation(n))
             a, skip = skip, 0
             if pending is not None:
                 need = batch_size - len(pending)
-                pending = _Rows.concat([pending, rows.pick(order, a, min(a + need, n))])
+                pending = _Rows.concat([pending, rows.slice(a, min(a + need, n))])
                 a = min(a + need, n)
                 if len(pending) < batch_size:
                     continue
                 yield pending.to_batch(keys)
                 pending = None
             while a + batch_size <= n:
-                yield rows.pick(order, a, a + batch_size).to_batch(keys)
+                yield rows.slice(a, a + batch_size).to_batch(keys)
                 a += batch_size
-            pending = rows.pick(order, a, n) if a < n else None
+            pending = rows.slice(a, n) if a < n else None
         if pending is not None and not drop_last:
             yield pending.to_batch(keys)
     finally:
