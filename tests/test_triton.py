@@ -121,12 +121,19 @@ def test_interpreter_is_available():
 
 
 @in_process
-def test_matches_remap_lookup_combine_over_several_steps():
+@pytest.mark.parametrize("pick, kinds, mult", [(None, 0b11111, True), ([0], 0b1, False), ([1], 0b10, False),
+                                               ([2], 0b1100, True), ([4], 0b10000, False), ([6], 0b10, False)],
+                         ids=["all", "full", "hash", "qr-mult", "binary-code", "multiplexed"])
+def test_matches_remap_lookup_combine_over_several_steps(pick, kinds, mult):
+    """All methods in one plan, and plans of one method: the kernels compile out the row kinds and
+    the part products a plan lacks (KINDS, HAS_MULT), so each such plan is its own program."""
     methods = methods_under_test()
+    methods = methods if pick is None else [methods[i] for i in pick]
     opt = RowwiseAdagrad(lr=0.1)
     ref = Reference(methods, opt, seed=4)
     fast = triton_lookup(methods, opt, seed=4)
-    assert fast.plan.max_parts == 4
+    assert (fast.plan.kinds, fast.plan.has_mult) == (kinds, mult)
+    assert pick is not None or fast.plan.max_parts == 4
     for step in range(3):
         kjt = raw_ids(methods, seed=10 + step, weighted=step == 1)  # per-sample weights in step 1
         expected = ref.forward(kjt)

@@ -21,31 +21,38 @@ def _mix64(z):  # the device copy of embtables.hashing's splitmix64 finaliser
 
 
 @triton.jit
-def _derive_rows(x, kind, a, b, scr_on, scr_bits, scr_half, scr_mult, CODE_BITS: tl.constexpr):
-    """Raw ids [L] → rows [L] of one part (kinds: 0 id, 1 hash, 2 div, 3 mod, 4 code bits)."""
-    safe_a = tl.maximum(a, 1)
-    safe_b = tl.maximum(b, 1)
-    # Salted hash exactly as embtables/hashing.py: mix64(id·φ + mix64(salt)), top bit dropped.
-    h = _mix64(x.to(tl.uint64) * 0x9E3779B97F4A7C15 + a.to(tl.uint64))
-    hashed = (h & 0x7FFFFFFFFFFFFFFF).to(tl.int64) % safe_b
-    # binary_code: optional scramble of the b-bit code, then pext of this block's bits.
-    mask = (1 << scr_bits) - 1
-    y = x
-    y = (y ^ (y >> scr_half)) & mask
-    y = (y * scr_mult) & mask
-    y = (y ^ (y >> scr_half)) & mask
-    y = (y * scr_mult) & mask
-    code = tl.where(scr_on != 0, y, x)
-    value = tl.zeros_like(x)
-    placed = a * 0
-    for j in tl.static_range(CODE_BITS):
-        take = (a >> j) & 1
-        value = value | ((((code >> j) & 1) * take) << placed)
-        placed = placed + take
-    rows = tl.where(kind == 0, x, hashed)
-    rows = tl.where(kind == 2, x // safe_a, rows)
-    rows = tl.where(kind == 3, x % safe_a, rows)
-    rows = tl.where(kind == 4, b + value, rows)
+def _derive_rows(x, kind, a, b, scr_on, scr_bits, scr_half, scr_mult, KINDS: tl.constexpr,
+                 CODE_BITS: tl.constexpr):
+    """Raw ids [L] → rows [L] of one part (kinds: 0 id, 1 hash, 2 div, 3 mod, 4 code bits).
+
+    KINDS (bit k set: kind k occurs in the plan) compiles out the kinds a plan lacks: 64-bit
+    division and the hash cost a GPU tens of instructions per id, and full tables need neither.
+    """
+    rows = x
+    if KINDS & 2:
+        # Salted hash exactly as embtables/hashing.py: mix64(id·φ + mix64(salt)), top bit dropped.
+        h = _mix64(x.to(tl.uint64) * 0x9E3779B97F4A7C15 + a.to(tl.uint64))
+        rows = tl.where(kind == 1, (h & 0x7FFFFFFFFFFFFFFF).to(tl.int64) % tl.maximum(b, 1), rows)
+    if KINDS & 4:
+        rows = tl.where(kind == 2, x // tl.maximum(a, 1), rows)
+    if KINDS & 8:
+        rows = tl.where(kind == 3, x % tl.maximum(a, 1), rows)
+    if KINDS & 16:
+        # binary_code: optional scramble of the b-bit code, then pext of this block's bits.
+        mask = (1 << scr_bits) - 1
+        y = x
+        y = (y ^ (y >> scr_half)) & mask
+        y = (y * scr_mult) & mask
+        y = (y ^ (y >> scr_half)) & mask
+        y = (y * scr_mult) & mask
+        code = tl.where(scr_on != 0, y, x)
+        value = tl.zeros_like(x)
+        placed = a * 0
+        for j in tl.static_range(CODE_BITS):
+            take = (a >> j) & 1
+            value = value | ((((code >> j) & 1) * take) << placed)
+            placed = placed + take
+        rows = tl.where(kind == 4, b + value, rows)
     return rows
 
 
@@ -65,12 +72,12 @@ def _part(kind_p, a_p, b_p, weighted_p, table_p, t_rows, fp):
 
 @triton.jit
 def _chunk_rows(ids, psw, s, end_p, kind, a, b, weighted, rows, scr_on, scr_bits, scr_half, scr_mult,
-                HAS_PSW: tl.constexpr, BLOCK_L: tl.constexpr, CODE_BITS: tl.constexpr):
+                HAS_PSW: tl.constexpr, BLOCK_L: tl.constexpr, KINDS: tl.constexpr, CODE_BITS: tl.constexpr):
     """Positions s… of a bag (up to end_p): (positions, in-bag mask, derived rows, valid mask, weights)."""
     pos = s + tl.arange(0, BLOCK_L)
     pm = pos < end_p
     x = tl.load(ids + pos, mask=pm, other=0)
-    r = _derive_rows(x, kind, a, b, scr_on, scr_bits, scr_half, scr_mult, CODE_BITS)
+    r = _derive_rows(x, kind, a, b, scr_on, scr_bits, scr_half, scr_mult, KINDS, CODE_BITS)
     ok = pm & (r >= 0) & (r < rows)
     w = tl.full([BLOCK_L], 1.0, tl.float32)
     if HAS_PSW:
@@ -82,7 +89,7 @@ def _chunk_rows(ids, psw, s, end_p, kind, a, b, weighted, rows, scr_on, scr_bits
 def forward_kernel(ids, offsets, psw, weight, kind_p, a_p, b_p, col_p, weighted_p, table_p, nparts_p, op_p,
                    scr_p, hasscr_p, t_rows, t_dim, t_off, out, parts_out, B, F, OUT_D,
                    HAS_PSW: tl.constexpr, P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-                   CODE_BITS: tl.constexpr):
+                   KINDS: tl.constexpr, CODE_BITS: tl.constexpr, HAS_MULT: tl.constexpr):
     bag = tl.program_id(0)
     f = tl.program_id(1)
     start = tl.load(offsets + f * B + bag)
@@ -107,11 +114,12 @@ def forward_kernel(ids, offsets, psw, weight, kind_p, a_p, b_p, col_p, weighted_
         acc = tl.zeros([BLOCK_D], tl.float32)
         for s in range(start, end_p, BLOCK_L):
             pos, pm, r, ok, w = _chunk_rows(ids, psw, s, end_p, kind, a, b, weighted, rows, scr_on, scr_bits,
-                                            scr_half, scr_mult, HAS_PSW, BLOCK_L, CODE_BITS)
+                                            scr_half, scr_mult, HAS_PSW, BLOCK_L, KINDS, CODE_BITS)
             tile = tl.load(weight + base + r[:, None] * dim + cols[None, :],
                            mask=ok[:, None] & (cols < dim_p)[None, :], other=0.0)
             acc += tl.sum(tile * w[:, None], axis=0)
-        tl.store(parts_out + ((bag * F + f) * P + p) * BLOCK_D + cols, acc)  # kept for MULT's backward
+        if HAS_MULT:  # kept for MULT's backward only
+            tl.store(parts_out + ((bag * F + f) * P + p) * BLOCK_D + cols, acc)
         tl.store(out_row + col + cols, acc, mask=cols < tl.where(op == 0, dim_p, 0))
         total += acc
         prod = tl.where(live, prod * acc, prod)
@@ -121,7 +129,7 @@ def forward_kernel(ids, offsets, psw, weight, kind_p, a_p, b_p, col_p, weighted_
 
 @triton.jit
 def part_grad_kernel(grad, parts, col_p, table_p, nparts_p, op_p, t_dim, gparts, F, OUT_D,
-                     P: tl.constexpr, BLOCK_D: tl.constexpr):
+                     P: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MULT: tl.constexpr):
     """d loss / d (pooled part p) for one (bag, feature): a column slice, the whole row, or × the others."""
     bag = tl.program_id(0)
     f = tl.program_id(1)
@@ -136,10 +144,11 @@ def part_grad_kernel(grad, parts, col_p, table_p, nparts_p, op_p, t_dim, gparts,
         dim_p = tl.where(p < n, dim, 0)
         sliced = tl.load(g_row + col + cols, mask=cols < tl.where(op == 0, dim_p, 0), other=0.0)
         others = tl.full([BLOCK_D], 1.0, tl.float32)
-        for q in tl.static_range(P):
-            if q != p:
-                other = tl.load(parts + ((bag * F + f) * P + q) * BLOCK_D + cols)
-                others = tl.where(q < n, tl.where(op == 2, others * other, others), others)
+        if HAS_MULT:
+            for q in tl.static_range(P):
+                if q != p:
+                    other = tl.load(parts + ((bag * F + f) * P + q) * BLOCK_D + cols)
+                    others = tl.where(q < n, tl.where(op == 2, others * other, others), others)
         g = tl.where(op == 0, sliced, whole) * others
         tl.store(gparts + ((bag * F + f) * P + p) * BLOCK_D + cols, tl.where(cols < dim_p, g, 0.0))
 
@@ -147,7 +156,8 @@ def part_grad_kernel(grad, parts, col_p, table_p, nparts_p, op_p, t_dim, gparts,
 @triton.jit
 def expand_kernel(ids, offsets, psw, kind_p, a_p, b_p, weighted_p, table_p, nparts_p, scr_p, hasscr_p, t_rows,
                   keys, sources, factors, B, F,
-                  HAS_PSW: tl.constexpr, P: tl.constexpr, BLOCK_L: tl.constexpr, CODE_BITS: tl.constexpr):
+                  HAS_PSW: tl.constexpr, P: tl.constexpr, BLOCK_L: tl.constexpr, KINDS: tl.constexpr,
+                  CODE_BITS: tl.constexpr):
     """One entry per (id, part): row key, which part gradient it takes, and its bag weight."""
     bag = tl.program_id(0)
     f = tl.program_id(1)
@@ -160,7 +170,7 @@ def expand_kernel(ids, offsets, psw, kind_p, a_p, b_p, weighted_p, table_p, npar
         end_p = tl.where(p < n, end, start)
         for s in range(start, end_p, BLOCK_L):
             pos, pm, r, ok, w = _chunk_rows(ids, psw, s, end_p, kind, a, b, weighted, rows, scr_on, scr_bits,
-                                            scr_half, scr_mult, HAS_PSW, BLOCK_L, CODE_BITS)
+                                            scr_half, scr_mult, HAS_PSW, BLOCK_L, KINDS, CODE_BITS)
             entry = pos * P + p
             tl.store(keys + entry, tl.where(ok, (t << 40) | r, -1), mask=pm)
             tl.store(sources + entry, (bag * F + f) * P + p + pos * 0, mask=pm)

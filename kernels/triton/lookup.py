@@ -122,15 +122,16 @@ class TritonFusedLookup(TableStateMixin, nn.Module):
         batch, n_features = self._sizes(offsets)
         plan, P, D = self.plan, self.plan.max_parts, self.plan.block_d
         out = torch.zeros(batch, n_features, plan.dim, device=self.weight.device)
-        parts = torch.zeros(batch, n_features, P, D, device=self.weight.device)
+        # each part's pooled vector, for MULT's backward (a one-element stand-in when no feature multiplies)
+        parts = torch.zeros((batch, n_features, P, D) if plan.has_mult else (1,), device=self.weight.device)
         if batch:
             forward_kernel[(batch, n_features)](
                 ids, offsets, psw if psw is not None else ids, self.weight, self._p("kind"), self._p("a"),
                 self._p("b"), self._p("col"), self._p("weighted"), self._p("table"), self._p("n_parts"),
                 self._p("op"), self._p("scramble"), self._p("has_scramble"), self._p("table_rows"),
                 self._p("table_dim"), self._p("table_offset"), out, parts, batch, n_features, plan.dim,
-                HAS_PSW=psw is not None, P=P, BLOCK_D=D, BLOCK_L=LAUNCH["block_l"], CODE_BITS=plan.code_bits,
-                num_warps=LAUNCH["forward_warps"])
+                HAS_PSW=psw is not None, P=P, BLOCK_D=D, BLOCK_L=LAUNCH["block_l"], KINDS=plan.kinds,
+                CODE_BITS=plan.code_bits, HAS_MULT=plan.has_mult, num_warps=LAUNCH["forward_warps"])
         return out, parts
 
     @torch.no_grad()
@@ -145,7 +146,8 @@ class TritonFusedLookup(TableStateMixin, nn.Module):
         gparts = torch.empty(batch, n_features, P, D, device=device)
         part_grad_kernel[(batch, n_features)](
             grad_out, parts, self._p("col"), self._p("table"), self._p("n_parts"), self._p("op"),
-            self._p("table_dim"), gparts, n_features, plan.dim, P=P, BLOCK_D=D, num_warps=LAUNCH["backward_warps"])
+            self._p("table_dim"), gparts, n_features, plan.dim, P=P, BLOCK_D=D, HAS_MULT=plan.has_mult,
+            num_warps=LAUNCH["backward_warps"])
         entries = ids.numel() * P
         keys = torch.full((entries,), -1, dtype=torch.long, device=device)
         sources = torch.zeros(entries, dtype=torch.long, device=device)
@@ -154,7 +156,7 @@ class TritonFusedLookup(TableStateMixin, nn.Module):
             ids, offsets, psw if psw is not None else ids, self._p("kind"), self._p("a"), self._p("b"),
             self._p("weighted"), self._p("table"), self._p("n_parts"), self._p("scramble"),
             self._p("has_scramble"), self._p("table_rows"), keys, sources, factors, batch, n_features,
-            HAS_PSW=psw is not None, P=P, BLOCK_L=LAUNCH["block_l"], CODE_BITS=plan.code_bits,
+            HAS_PSW=psw is not None, P=P, BLOCK_L=LAUNCH["block_l"], KINDS=plan.kinds, CODE_BITS=plan.code_bits,
             num_warps=LAUNCH["backward_warps"])
         live = torch.nonzero(keys >= 0).squeeze(1)
         sorted_keys, order = torch.sort(keys[live], stable=True)  # stable: a fixed summation order

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from embtables.specs import BITS, FusedFeature, TableSpec
+from embtables.specs import BITS, MULT, FusedFeature, TableSpec
 
 
 class Plan:
@@ -55,6 +55,9 @@ class Plan:
         self.block_d = max(4, 1 << (max(self.dim, int(dims.max())) - 1).bit_length())
         bit_masks = [p.a for f in self.features for p in f.parts if p.kind == BITS]
         self.code_bits = max([m.bit_length() for m in bit_masks] + [1])
+        # compile-time switches: bit k set when some part has kind k; whether any feature multiplies
+        self.kinds = sum(1 << k for k in {p.kind for f in self.features for p in f.parts})
+        self.has_mult = any(f.op == MULT for f in self.features)
 
     def tensors(self, device) -> dict[str, torch.Tensor]:
         names = ("kind", "a", "b", "col", "weighted", "table", "n_parts", "op", "scramble", "has_scramble",
