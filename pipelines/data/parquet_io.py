@@ -104,7 +104,7 @@ def open_parquet(path: str | Path, columns: list[str] | None = None) -> pq.Parqu
     """Open a Parquet file; corrupt, empty or missing-column files raise a DataError naming it."""
     path = Path(path)
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, memory_map=True)  # decoding reads the pages in place: no copy of them first
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from None
     if pf.metadata.num_rows == 0:
