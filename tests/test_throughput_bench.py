@@ -31,6 +31,8 @@ def test_every_section_is_reported(report):
     ratios = report["data_path"]["whole_epoch_vs_step_only"]
     assert len(ratios) == 1 and ratios[0] == pytest.approx(
         report["data_path"]["pipeline_samples_per_sec"][0] / report["data_path"]["in_memory_samples_per_sec"][0])
+    waiting = report["data_path"]["waiting_share"]  # the pipeline epoch's own time in next(batches)
+    assert len(waiting) == 1 and 0 < waiting[0] < 1
     assert report["paired"]["steps_each"] == 2
 
 

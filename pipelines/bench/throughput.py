@@ -122,7 +122,10 @@ def run_data_path(args, dataset: Path, precision: str) -> dict:
     fed by the data pipeline (`train.prefetch` as configured), once from batches already in
     memory (read, decoded and prepared beforehand: the step alone). The arms alternate
     `--data-path-rounds` times so both see the same machine load; samples/s are whole-loop means (first
-    steps included in both), not medians. Evaluation and checkpoints are left out of both."""
+    steps included in both), not medians. Evaluation and checkpoints are left out of both.
+
+    Also reported: the share of each pipeline epoch spent waiting in `next(batches)`, measured
+    inside that run (no second arm, so machine-speed drift between arms does not enter it)."""
     from embtables.pipelines.train.build import build_model, resolve_inputs
     from embtables.pipelines.train.local import LocalRun, make_model_optimizer, train_loop
     from embtables.pipelines.train.precision import autocast_network
@@ -133,9 +136,13 @@ def run_data_path(args, dataset: Path, precision: str) -> dict:
     class Arm(LocalRun):
         verbose = False
         cached = None  # batches of the in-memory arm
+        waited = None
 
         def batches(self, epoch, position):
-            return iter(self.cached) if self.cached is not None else super().batches(epoch, position)
+            if self.cached is not None:
+                return iter(self.cached)
+            self.waited = _Waited(super().batches(epoch, position))
+            return self.waited
 
         def save(self, position):
             pass
@@ -155,13 +162,15 @@ def run_data_path(args, dataset: Path, precision: str) -> dict:
         position = {"epoch": 0, "rows_in_epoch": 0, "step": 0, "train_rows_seen": 0, "train_seconds": 0.0,
                     "history": []}
         train_loop(run, position, cfg["train"], progress=False)
+        if run.waited is not None:
+            out["waiting_share"].append(run.waited.seconds / position["train_seconds"])
         return position["train_rows_seen"] / position["train_seconds"]
 
     batches = fresh_run().batches(0, {"rows_in_epoch": 0})
     memory = list(itertools.islice(batches, args.steps))
     batches.close()
+    out = {"pipeline_samples_per_sec": [], "in_memory_samples_per_sec": [], "waiting_share": []}
     samples_per_sec(fresh_run(memory[:5]))  # the process's one-time warm-ups (oneDNN primitives) go first
-    out = {"pipeline_samples_per_sec": [], "in_memory_samples_per_sec": []}
     for _ in range(args.data_path_rounds):
         out["in_memory_samples_per_sec"].append(samples_per_sec(fresh_run(memory)))
         out["pipeline_samples_per_sec"].append(samples_per_sec(fresh_run()))
@@ -171,8 +180,30 @@ def run_data_path(args, dataset: Path, precision: str) -> dict:
     print(f"data path ({precision}, prefetch {out['prefetch']}): whole epoch "
           f"{', '.join(f'{x:,.0f}' for x in out['pipeline_samples_per_sec'])} vs step only "
           f"{', '.join(f'{x:,.0f}' for x in out['in_memory_samples_per_sec'])} samples/s → "
-          f"{', '.join(f'{x:.3f}' for x in out['whole_epoch_vs_step_only'])}", flush=True)
+          f"{', '.join(f'{x:.3f}' for x in out['whole_epoch_vs_step_only'])}; waiting for data "
+          f"{', '.join(f'{x:.1%}' for x in out['waiting_share'])} of each pipeline epoch", flush=True)
     return out
+
+
+class _Waited:
+    """Batches as they come, adding up the time the consumer waited in next()."""
+
+    def __init__(self, source):
+        self.source, self.seconds = source, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.source)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def close(self):
+        if hasattr(self.source, "close"):
+            self.source.close()
 
 
 def our_stepper(args, dataset: Path, precision: str):
