@@ -26,12 +26,11 @@ AUTO_DEPTH = 8
 def prefetch_plan(setting: int | str, cores: int | None = None) -> tuple[int, int]:
     """`train.prefetch` (auto | batches ahead, 0 = inline) → (queue depth, row-group decode threads).
 
-    Measured on 2 cores (benchmarks/RESULTS.md, "Data path"): the step's matrix products keep
-    both cores busy, and a producer thread competing with them cost more (whole epoch 88-93% of
-    the step alone) than the data work it hides (about 1.6 ms of CPU per batch of 2048 against
-    a 40 ms step: 94-96% inline). So below 4 cores `auto` runs the same pipeline inline; from
-    4 cores on, a thread AUTO_DEPTH batches ahead, and from 8 a buffer's row groups decode in
-    parallel.
+    Measured on 2 cores (benchmarks/RESULTS.md, "Whole epoch vs step only, session 5"): the
+    step's matrix products keep both cores busy, so a producer thread slows the steps by about
+    what it hides, while inline the epoch waits ~4% of its time for data. So below 4 cores
+    `auto` runs the same pipeline inline; from 4 cores on, a thread AUTO_DEPTH batches ahead,
+    and from 8 a buffer's row groups decode in parallel.
     """
     if setting != "auto":
         return int(setting), 1
