@@ -66,10 +66,12 @@ class _Rows:
             starts = np.repeat(offs[:-1][idx], new_len)
             within = np.arange(new_len.sum()) - np.repeat(_offsets(new_len)[:-1], new_len)
             values.append(vals[starts + within])
-        # np.take, not fancy indexing: 3x faster on row blocks (50 vs 150 us for 2048 x 26 ids)
-        return self._new(np.take(self.label, idx), np.take(self.dense, idx, axis=0),
-                         np.take(self.single, idx, axis=0), [lengths[idx] for lengths in self.multi_lengths],
-                         values)
+        # torch's row gather runs on its threads (the step's, idle while the reader works): 180k
+        # rows in 3.3-4.3 ms, np.take 5.4-6.5 ms, fancy indexing 3x np.take's time
+        rows = torch.from_numpy(idx)
+        label, dense, single = (torch.from_numpy(a).index_select(0, rows).numpy()
+                                for a in (self.label, self.dense, self.single))
+        return self._new(label, dense, single, [lengths[idx] for lengths in self.multi_lengths], values)
 
     def slice(self, a: int, b: int) -> "_Rows":
         return self._new(self.label[a:b], self.dense[a:b], self.single[a:b],
