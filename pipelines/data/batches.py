@@ -6,8 +6,8 @@ of an epoch is a pure function of (seed, epoch, shard), so `start_row` can resum
 from __future__ import annotations
 
 import functools
-from collections import deque
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,13 +149,11 @@ class _Reader:
         """The units' rows as one block, each unit decoded straight into its slice of arrays
         allocated once for the whole buffer (no per-unit blocks to concatenate)."""
         stats = self.stats
-        single_names = [k for k in stats["sparse"] if not stats["features"][k]["multi_hot"]]
-        multi_names = [k for k in stats["sparse"] if stats["features"][k]["multi_hot"]]
-        slots, counts = [], {"single": 0, "multi": 0}
-        for k in stats["sparse"]:
-            kind = "multi" if stats["features"][k]["multi_hot"] else "single"
-            slots.append((kind, counts[kind]))
-            counts[kind] += 1
+        multi_hot = {k: stats["features"][k]["multi_hot"] for k in stats["sparse"]}
+        single_names = [k for k in stats["sparse"] if not multi_hot[k]]
+        multi_names = [k for k in stats["sparse"] if multi_hot[k]]
+        slots = [("multi", multi_names.index(k)) if multi_hot[k] else ("single", single_names.index(k))
+                 for k in stats["sparse"]]
         starts = np.cumsum([0] + [u.rows for u in units])
         label = np.empty(starts[-1], dtype=np.float32)
         dense = np.empty((starts[-1], len(stats["dense"])), dtype=np.float32)
@@ -171,7 +169,8 @@ class _Reader:
             label[a:b] = t.column(stats["label"]).to_numpy()
             dense_features(t, stats["dense"], where, row0, out=dense[a:b])
             for j, name in enumerate(single_names):
-                if pa.types.is_list(t.schema.field(name).type) or pa.types.is_large_list(t.schema.field(name).type):
+                kind = t.schema.field(name).type
+                if pa.types.is_list(kind) or pa.types.is_large_list(kind):
                     raise DataError(f"{where}: column {name!r} holds lists, but stats.json says it is single-hot")
                 single[a:b, j] = sparse_ids(t.column(name), name, stats["features"][name]["rows"], where, row0)[0]
             return [sparse_ids(t.column(name), name, stats["features"][name]["rows"], where, row0)
