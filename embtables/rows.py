@@ -50,17 +50,15 @@ def checked_ids(flat: pa.Array, lengths: np.ndarray, name: str, rows: int, where
     if not pa.types.is_integer(flat.type):
         raise DataError(f"{where}: column {name!r} holds {flat.type} values, not encoded int ids")
     if flat.null_count:
-        ids, bad = None, flat.is_null().to_numpy(zero_copy_only=False)
+        bad = flat.is_null().to_numpy(zero_copy_only=False)
     else:
         ids = flat.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
         if not len(ids) or ids.view(np.uint64).max() < rows:  # one pass: a negative id reads as huge
             return ids
         bad = (ids < 0) | (ids >= rows)
-    if bad.any():
-        j = int(np.flatnonzero(bad)[0])
-        i = int(np.searchsorted(np.cumsum(lengths), j, side="right"))  # value index → row
-        raise DataError(f"{where}: row {row0 + i}: column {name!r} has id {flat[j].as_py()}, outside [0, {rows})")
-    return ids.astype(np.int64, copy=False)
+    j = int(np.flatnonzero(bad)[0])  # a null, or an id outside [0, rows): there is one
+    i = int(np.searchsorted(np.cumsum(lengths), j, side="right"))  # value index → row
+    raise DataError(f"{where}: row {row0 + i}: column {name!r} has id {flat[j].as_py()}, outside [0, {rows})")
 
 
 def sparse_ids(col, name: str, rows: int, where: str, row0: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -35,8 +35,6 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-
-
 def is_export(path: Path) -> bool:
     try:
         return json.loads((Path(path) / MANIFEST).read_text()).get("format") == EXPORT_FORMAT

@@ -2,7 +2,8 @@
 
 Pass 1 streams the training rows once and counts every sparse value (per batch, merged
 incrementally: IdCounter's sorted runs for integers, ValueCounter's group-bys for strings),
-giving each feature a vocabulary in descending frequency order. Pass 2 streams all rows again and maps raw values to ids (VocabIndex).
+giving each feature a vocabulary in descending frequency order. Pass 2 streams all rows again
+and maps raw values to ids (VocabIndex).
 Both passes go row group by row group over every core, or over a Ray cluster (ingest_plan);
 only the pieces in flight and the vocabularies are ever in memory. Rows are validated as
 they stream.

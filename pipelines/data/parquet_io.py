@@ -153,7 +153,7 @@ def page_options(schema: pa.Schema) -> dict:
     (snappy on bit-packed ids saves 0.2%; snappy was a ninth of the whole ingest's CPU time).
     Floats (the label and the dense counts), on a 65k-row group of synth criteo26: plain +
     snappy 3.9 ms to decode (2 threads), byte-stream-split + LZ4 0.85 ms, and 5% smaller files
-    (benchmarks/RESULTS.md, "Data path").
+    (benchmarks/RESULTS.md, "Whole epoch vs step only, session 5").
     """
     encoding, compression = {}, {}
     for field in schema:
